@@ -1,0 +1,270 @@
+"""Bronze: every landed recording and patient row as received, and every unreadable element kept aside."""
+
+import os
+import re
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, asset, multi_asset
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from heartbeat_assets.streaming import row_count, run_available_now
+from heartbeat_assets.tables import append_batch
+from resources import LakehouseResource, SparkSessionResource
+
+RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
+RECORDING_SCHEMA = ", ".join(f"{name} {kind}" for name, kind in RECORDING_FIELDS.items())
+
+RECORDINGS_GLOB = "*.{json,json.gz}"
+PATIENTS_GLOB = "*.csv"
+
+# Characters Spark's file source cannot read in a file name: glob characters make it read other
+# files of the folder a second time, and ':' fails the query.
+UNREADABLE_NAME_CHARS = re.compile(r"[\[\]{}*?\\:]")
+
+#: Columns of bronze/recordings (besides the recording fields).
+LINEAGE = ["source_file", "source_line", "source_element", "source_modified_at", "ingested_at"]
+
+
+def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
+    """Stream of landed files, one row per file: `value` (the whole text), `source_file`, `source_modified_at`.
+
+    Whole-file reads let a file be either JSON Lines or one (pretty-printed) JSON array; `.gz` files
+    are decompressed by Spark. Names starting with `.` or `_` are in progress and skipped.
+    """
+    return (
+        spark.readStream.format("text")
+        .option("wholetext", True)
+        .option("pathGlobFilter", glob)
+        # Spark forgets files older than maxFileAge relative to the newest one; a file renamed in
+        # keeps its old modification time, so it would be skipped. Remember every file.
+        .option("maxFileAge", "36500d")
+        .load(str(folder))
+        .select(
+            "value",
+            F.col("_metadata.file_path").alias("source_file"),
+            F.col("_metadata.file_modification_time").alias("source_modified_at"),
+        )
+    )
+
+
+def rename_unreadable_files(folder: Path) -> list[tuple[str, str]]:
+    """Give landed files whose names Spark cannot read a percent-encoded name; return (old, new) pairs."""
+    renamed = []
+    if not folder.is_dir():
+        return renamed
+    for entry in os.scandir(folder):
+        if entry.is_file() and UNREADABLE_NAME_CHARS.search(entry.name) and not entry.name.startswith((".", "_")):
+            new_name = UNREADABLE_NAME_CHARS.sub(lambda m: f"%{ord(m.group()):02X}", entry.name)
+            os.replace(entry.path, folder / new_name)
+            renamed.append((entry.name, new_name))
+    return renamed
+
+
+def _lines(files: DataFrame) -> DataFrame:
+    """One row per non-blank line: `line` (1-based `source_line`) with the file's lineage columns."""
+    return (
+        files.select("*", F.posexplode(F.split("value", r"\r?\n")).alias("pos", "line"))
+        .where(F.trim("line") != "")
+        .select(
+            "line",
+            (F.col("pos") + 1).alias("source_line"),
+            "source_file",
+            "source_modified_at",
+        )
+    )
+
+
+def parse_recordings(files: DataFrame) -> DataFrame:
+    """Split landed recording files into elements and parse each one.
+
+    Input: one row per file (`value`, `source_file`, `source_modified_at`). Output: one row per JSON
+    Lines line or array element, with the recording fields, `_rescued` (unknown fields as a JSON
+    object string), `raw` (the element's text), lineage columns and `reason`: null for a well-formed
+    recording, else why it is not one (several reasons joined by `;`).
+    """
+    whole_file_array = F.ltrim("value").startswith("[")
+    documents = (
+        files.where(~whole_file_array)
+        .transform(_lines)
+        .withColumnRenamed("line", "document")
+        .unionByName(
+            files.where(whole_file_array).select(
+                F.col("value").alias("document"),
+                F.lit(1).alias("source_line"),
+                "source_file",
+                "source_modified_at",
+            )
+        )
+    )
+    is_array = F.ltrim("document").startswith("[")
+    array = F.from_json("document", "array<string>")
+    elements = documents.select(
+        "*",
+        (is_array & array.isNull()).alias("_malformed_array"),
+        F.posexplode(F.when(is_array & array.isNotNull(), array).otherwise(F.array("document"))).alias(
+            "_index", "raw"
+        ),
+    ).select(
+        "raw",
+        "source_file",
+        "source_line",
+        F.when(is_array & ~F.col("_malformed_array"), F.col("_index") + 1).cast("int").alias("source_element"),
+        "source_modified_at",
+        "_malformed_array",
+    )
+
+    typed = F.from_json(
+        "raw",
+        f"{RECORDING_SCHEMA}, _corrupt string",
+        {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt"},
+    )
+    as_text = F.from_json("raw", ", ".join(f"{name} string" for name in RECORDING_FIELDS))
+    as_object = F.from_json("raw", "map<string, variant>")
+    parsed = elements.select("*", typed.alias("_t"), as_text.alias("_s"), as_object.alias("_o"))
+
+    field_problems = [_field_problem(name) for name in RECORDING_FIELDS]
+    reason = F.when(F.col("raw").contains("\ufffd"), F.lit("not_utf8")).otherwise(
+        F.when(F.col("_malformed_array") | F.col("_o").isNull(), F.lit("malformed_json")).otherwise(
+            F.nullif(F.concat_ws(";", *field_problems), F.lit(""))
+        )
+    )
+    extras = F.map_filter("_o", lambda key, _: ~key.isin(*RECORDING_FIELDS))
+    return parsed.select(
+        *[F.col(f"_t.{name}").alias(name) for name in RECORDING_FIELDS],
+        F.when(F.size(extras) > 0, F.to_json(extras)).alias("_rescued"),
+        "raw",
+        reason.alias("reason"),
+        "source_file",
+        "source_line",
+        "source_element",
+        "source_modified_at",
+    )
+
+
+def _field_problem(name: str) -> Column:
+    return F.when(
+        F.col(f"_t.{name}").isNull(),
+        F.when(F.col(f"_s.{name}").isNotNull(), F.lit(f"wrong_type:{name}"))
+        .when(F.array_contains(F.map_keys("_o"), name), F.lit(f"null_field:{name}"))
+        .otherwise(F.lit(f"missing_field:{name}")),
+    )
+
+
+def parse_patients(files: DataFrame) -> DataFrame:
+    """One row per patient CSV data line: `mrn` and `name` as received (strings), with lineage.
+
+    A first line reading `mrn,name` is the header and is skipped; a file without it loses no row.
+    Fields beyond the second land in `_extra`.
+    """
+    lines = _lines(files)
+    is_header = (F.col("source_line") == 1) & (
+        F.lower(F.regexp_replace(F.trim("line"), "^\ufeff|\\s", "")) == "mrn,name"
+    )
+    fields = F.from_csv("line", "mrn string, name string, _extra string", {"mode": "PERMISSIVE"})
+    return (
+        lines.where(~is_header)
+        .select("*", fields.alias("_f"))
+        .select(
+            F.trim("_f.mrn").alias("mrn"),
+            F.trim("_f.name").alias("name"),
+            F.col("_f._extra").alias("_extra"),
+            F.col("line").alias("raw"),
+            "source_file",
+            "source_line",
+            "source_modified_at",
+        )
+    )
+
+
+RECORDING_COLUMNS = [*RECORDING_FIELDS, "_rescued", *LINEAGE]
+QUARANTINE_COLUMNS = ["raw", "reason", *LINEAGE]
+
+RECORDINGS = AssetKey(["bronze", "recordings"])
+RECORDINGS_QUARANTINE = AssetKey(["bronze", "recordings_quarantine"])
+PATIENTS = AssetKey(["bronze", "patients"])
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            RECORDINGS,
+            description="Every well-formed recording as received, with its source file and ingestion time.",
+            group_name="bronze",
+        ),
+        AssetSpec(
+            RECORDINGS_QUARANTINE,
+            description="Every landed line or array element that is not a well-formed recording, with a reason.",
+            group_name="bronze",
+        ),
+    ],
+    pool="heartbeat_lakehouse",
+)
+def bronze_recordings(context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource):
+    """Ingest new files of landing/recordings into bronze/recordings and bronze/recordings_quarantine."""
+    for old, new in rename_unreadable_files(lakehouse.recordings_landing):
+        context.log.warning(f"Renamed landed file {old!r} to {new!r}: Spark cannot read that name.")
+    recordings_table = lakehouse.table("bronze/recordings")
+    quarantine_table = lakehouse.table("bronze/recordings_quarantine")
+
+    def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
+        elements = parse_recordings(files).withColumn("ingested_at", F.current_timestamp()).persist()
+        try:
+            good = elements.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
+            bad = elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
+            return {
+                "elements_read": elements.count(),
+                "recordings_written": append_batch(good, recordings_table, batch_id),
+                "quarantined": append_batch(bad, quarantine_table, batch_id),
+            }
+        finally:
+            elements.unpersist()
+
+    report = run_available_now(
+        read_landing(spark.spark_session, lakehouse.recordings_landing, RECORDINGS_GLOB),
+        name="bronze/recordings",
+        checkpoint=lakehouse.checkpoint("bronze/recordings"),
+        write_batch=write_batch,
+    )
+    common = {**report.metadata(), "files_read": report.input_rows}
+    yield MaterializeResult(
+        asset_key=RECORDINGS,
+        metadata={**common, **row_count(context, RECORDINGS, report.count("recordings_written"))},
+    )
+    yield MaterializeResult(
+        asset_key=RECORDINGS_QUARANTINE,
+        metadata={**common, **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined"))},
+    )
+
+
+@asset(
+    key=PATIENTS,
+    group_name="bronze",
+    description="Patient rows as received from landing/patients, with source file, line and ingestion time.",
+    pool="heartbeat_lakehouse",
+)
+def bronze_patients(
+    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
+) -> MaterializeResult:
+    """Ingest new files of landing/patients into bronze/patients."""
+    for old, new in rename_unreadable_files(lakehouse.patients_landing):
+        context.log.warning(f"Renamed landed file {old!r} to {new!r}: Spark cannot read that name.")
+    table = lakehouse.table("bronze/patients")
+
+    def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
+        rows = parse_patients(files).withColumn("ingested_at", F.current_timestamp())
+        return {"rows_written": append_batch(rows, table, batch_id)}
+
+    report = run_available_now(
+        read_landing(spark.spark_session, lakehouse.patients_landing, PATIENTS_GLOB),
+        name="bronze/patients",
+        checkpoint=lakehouse.checkpoint("bronze/patients"),
+        write_batch=write_batch,
+    )
+    return MaterializeResult(
+        metadata={
+            **report.metadata(),
+            "files_read": report.input_rows,
+            **row_count(context, PATIENTS, report.count("rows_written")),
+        }
+    )

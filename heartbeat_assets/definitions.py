@@ -1,0 +1,26 @@
+"""Assembles the lakehouse: assets of every layer, the job, sensors, schedule and resources."""
+
+from dagster import Definitions, in_process_executor, load_assets_from_modules
+
+from heartbeat_assets import bronze, gold, silver
+from heartbeat_assets.jobs import medallion_job
+from heartbeat_assets.schedules import hourly_medallion_schedule
+from heartbeat_assets.sensors import patients_landing_sensor, recordings_landing_sensor
+from resources import LakehouseResource, SparkSessionResource
+
+
+def build_definitions(lakehouse: LakehouseResource | None = None, spark: SparkSessionResource | None = None):
+    """The project's `Definitions`; tests pass their own resources."""
+    lakehouse = lakehouse or LakehouseResource()
+    return Definitions(
+        assets=load_assets_from_modules([bronze, silver, gold]),
+        jobs=[medallion_job],
+        sensors=[recordings_landing_sensor, patients_landing_sensor],
+        schedules=[hourly_medallion_schedule],
+        resources={"lakehouse": lakehouse, "spark": spark or SparkSessionResource(lakehouse=lakehouse)},
+        # One process and one SparkSession per run: the multiprocess executor would start a JVM per asset.
+        executor=in_process_executor,
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,263 @@
+"""Gold: per-patient and per-day heart-rate averages, and windows where a device lost its signal.
+
+Each gold table is fed by a complete-mode streaming aggregate over silver/recordings, whose state
+Spark keeps in the checkpoint. Every micro-batch's complete aggregate is kept as a snapshot beside
+the checkpoint; the table is then built from the newest snapshot (joined with the *current* patient
+dimension) and swapped in atomically. A renamed patient or a patient row that lands after its
+recordings therefore shows up in gold even when no new recording arrived.
+
+Sums are exact decimals (heart rates at 1e-6 precision), so averages do not depend on the order in
+which recordings arrived.
+"""
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, asset
+from pydantic import Field
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from heartbeat_assets import silver
+from heartbeat_assets.streaming import run_available_now
+from heartbeat_assets.tables import read_lineage, replace_table
+from resources import LakehouseResource, SparkSessionResource
+
+SILVER_RECORDINGS_SCHEMA = (
+    "device_id int, mrn bigint, recorded_at timestamp, heartrate double, patient_name string, "
+    "source_file string, date date"
+)
+#: Heart rates are summed as exact decimals at this precision.
+HEARTRATE_DECIMAL = "decimal(20,6)"
+
+HEARTRATE_BY_PATIENT = AssetKey(["gold", "heartrate_by_patient"])
+DAILY_PATIENT_AVG = AssetKey(["gold", "daily_patient_avg"])
+DEVICE_SIGNAL_LOSS = AssetKey(["gold", "device_signal_loss"])
+
+
+# Aggregates: valid on a stream (complete mode) and on a batch DataFrame.
+
+
+def patient_totals(recordings: DataFrame) -> DataFrame:
+    return recordings.groupBy("mrn").agg(F.sum(F.col("heartrate").cast(HEARTRATE_DECIMAL)).alias("heartrate_sum"), F.count("*").alias("count"))
+
+
+def patient_daily_totals(recordings: DataFrame) -> DataFrame:
+    return recordings.groupBy("mrn", "date").agg(
+        F.sum(F.col("heartrate").cast(HEARTRATE_DECIMAL)).alias("heartrate_sum"), F.count("*").alias("count")
+    )
+
+
+def device_window_counts(recordings: DataFrame, window_seconds: int) -> DataFrame:
+    """Readings per device and tumbling event-time window (`window_start` in epoch seconds)."""
+    window_start = F.floor(F.unix_seconds("recorded_at") / window_seconds) * window_seconds
+    return recordings.groupBy("device_id", window_start.cast("bigint").alias("window_start")).agg(
+        F.count("*").alias("readings")
+    )
+
+
+# Gold tables, built from an aggregate.
+
+
+def heartrate_by_patient(totals: DataFrame, patients: DataFrame) -> DataFrame:
+    """Per known patient: current name, ceil(mean heart rate) as a long, and the number of recordings."""
+    return totals.join(patients, "mrn").select(
+        "mrn",
+        F.col("name").alias("patient_name"),
+        F.ceil(F.col("heartrate_sum") / F.col("count")).cast("bigint").alias("avg_heartrate"),
+        "count",
+    )
+
+
+def daily_patient_avg(daily_totals: DataFrame, patients: DataFrame) -> DataFrame:
+    """Per known patient and UTC date: current name, mean heart rate, number of recordings."""
+    return daily_totals.join(patients, "mrn").select(
+        "mrn",
+        F.col("name").alias("patient_name"),
+        "date",
+        (F.col("heartrate_sum") / F.col("count")).cast("double").alias("avg_heartrate"),
+        "count",
+    )
+
+
+def device_signal_loss(
+    window_counts: DataFrame, *, window_seconds: int, min_readings: int, max_silent_windows: int
+) -> DataFrame:
+    """Windows in which a device sent fewer than `min_readings` readings.
+
+    Besides windows with a few readings, this finds silent ones (0 readings): after each window with
+    readings, up to `max_silent_windows` windows without any, until the device's next reading or the
+    newest window of any device. So a device that stops sending raises an alert, and one long outage
+    (or a reading that arrived days late) adds a bounded number of rows.
+    """
+    by_device = Window.partitionBy("device_id").orderBy("window_start")
+    newest = window_counts.agg(F.max("window_start").alias("newest_window"))
+    spans = window_counts.crossJoin(newest).select(
+        "device_id",
+        "window_start",
+        F.least(
+            F.coalesce(F.lead("window_start").over(by_device) - window_seconds, F.col("newest_window")),
+            F.col("window_start") + max_silent_windows * window_seconds,
+        ).alias("last_silent"),
+    )
+    silent = spans.where(F.col("last_silent") > F.col("window_start")).select(
+        "device_id",
+        F.explode(
+            F.sequence(F.col("window_start") + window_seconds, F.col("last_silent"), F.lit(window_seconds))
+        ).alias("window_start"),
+        F.lit(0).cast("bigint").alias("readings"),
+    )
+    sparse = window_counts.where(F.col("readings") < min_readings)
+    return sparse.unionByName(silent).select(
+        "device_id",
+        F.timestamp_seconds("window_start").alias("window_start"),
+        F.timestamp_seconds(F.col("window_start") + window_seconds).alias("window_end"),
+        "readings",
+    )
+
+
+class SignalLossConfig(Config):
+    window_seconds: int = Field(default=60, description="Length of the tumbling event-time window.")
+    min_readings: int = Field(default=30, description="A window with fewer readings raises an alert.")
+    max_silent_windows: int = Field(
+        default=5, description="At most this many silent windows are reported after a window with readings."
+    )
+
+
+class GoldTable:
+    """Runs the aggregate of one gold table and rebuilds the table when its inputs changed."""
+
+    def __init__(self, name: str, spark: SparkSession, lakehouse: LakehouseResource):
+        self.name = name
+        self.spark = spark
+        self.lakehouse = lakehouse
+        self.table = lakehouse.table(name)
+        self.checkpoint = lakehouse.checkpoint(name)
+        self.snapshots = self.checkpoint / "_aggregate"
+
+    def materialize(
+        self,
+        aggregate: Callable[[DataFrame], DataFrame],
+        aggregate_schema: str,
+        build: Callable[[DataFrame], DataFrame],
+        settings: dict,
+        uses_patients: bool,
+    ) -> MaterializeResult:
+        self._check_settings(settings)
+        recordings = silver.read_table_stream(
+            self.spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
+        )
+        report = run_available_now(
+            aggregate(recordings),
+            name=self.name,
+            checkpoint=self.checkpoint,
+            write_batch=self._write_snapshot,
+            output_mode="complete",
+        )
+        snapshot = self._latest_snapshot()
+        inputs = {"aggregate_batch": snapshot.name if snapshot else None, "settings": settings}
+        if uses_patients:
+            inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
+        previous = read_lineage(self.table)
+        metadata = report.metadata()
+        if previous is not None and previous.get("inputs") == inputs:
+            metadata["table_rebuilt"] = False
+            metadata["dagster/row_count"] = previous["rows"]
+        else:
+            if snapshot is not None:
+                aggregated = self.spark.read.parquet(str(snapshot))
+            else:
+                aggregated = self.spark.createDataFrame([], aggregate_schema)
+            metadata["table_rebuilt"] = True
+            metadata["dagster/row_count"] = replace_table(build(aggregated), self.table, {"inputs": inputs})
+        return MaterializeResult(metadata=metadata)
+
+    def _write_snapshot(self, aggregated: DataFrame, batch_id: int) -> dict[str, int]:
+        aggregated.write.mode("overwrite").parquet(str(self.snapshots / f"batch-{batch_id:012d}"))
+        # Keep this snapshot and the one before; older ones can no longer be needed.
+        for old in sorted(self.snapshots.glob("batch-*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        return {}
+
+    def _latest_snapshot(self) -> Path | None:
+        done = [p for p in sorted(self.snapshots.glob("batch-*")) if (p / "_SUCCESS").exists()]
+        return done[-1] if done else None
+
+    def _check_settings(self, settings: dict) -> None:
+        """Settings baked into the aggregate's state cannot change without rebuilding it."""
+        stored = self.checkpoint / "_settings.json"
+        state = {k: v for k, v in settings.items() if k == "window_seconds"}
+        if not state:
+            return
+        if stored.exists():
+            before = json.loads(stored.read_text())
+            if before != state:
+                raise Failure(
+                    f"{self.name}: the aggregate in {self.checkpoint} was built with {before}, "
+                    f"this run asks for {state}. Delete that checkpoint folder to rebuild the table "
+                    "from silver with the new setting (a full refresh), or run with the old setting."
+                )
+        else:
+            self.checkpoint.mkdir(parents=True, exist_ok=True)
+            stored.write_text(json.dumps(state))
+
+
+GOLD_DEPS = [silver.RECORDINGS, silver.PATIENTS]
+
+
+@asset(
+    key=HEARTRATE_BY_PATIENT,
+    deps=GOLD_DEPS,
+    group_name="gold",
+    description="Per known patient: current name, ceil of the mean heart rate, number of recordings.",
+    pool="heartbeat_lakehouse",
+)
+def gold_heartrate_by_patient(spark: SparkSessionResource, lakehouse: LakehouseResource) -> MaterializeResult:
+    session = spark.spark_session
+    return GoldTable("gold/heartrate_by_patient", session, lakehouse).materialize(
+        patient_totals,
+        "mrn bigint, heartrate_sum decimal(30,6), count bigint",
+        lambda totals: heartrate_by_patient(totals, silver.read_patients(session, lakehouse)),
+        settings={},
+        uses_patients=True,
+    )
+
+
+@asset(
+    key=DAILY_PATIENT_AVG,
+    deps=GOLD_DEPS,
+    group_name="gold",
+    description="Per known patient and UTC date: current name, mean heart rate, number of recordings.",
+    pool="heartbeat_lakehouse",
+)
+def gold_daily_patient_avg(spark: SparkSessionResource, lakehouse: LakehouseResource) -> MaterializeResult:
+    session = spark.spark_session
+    return GoldTable("gold/daily_patient_avg", session, lakehouse).materialize(
+        patient_daily_totals,
+        "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
+        lambda totals: daily_patient_avg(totals, silver.read_patients(session, lakehouse)),
+        settings={},
+        uses_patients=True,
+    )
+
+
+@asset(
+    key=DEVICE_SIGNAL_LOSS,
+    deps=[silver.RECORDINGS],
+    group_name="gold",
+    description="Device and event-time windows with fewer readings than the threshold: lost signal.",
+    pool="heartbeat_lakehouse",
+)
+def gold_device_signal_loss(
+    config: SignalLossConfig, spark: SparkSessionResource, lakehouse: LakehouseResource
+) -> MaterializeResult:
+    settings = config.model_dump()
+    return GoldTable("gold/device_signal_loss", spark.spark_session, lakehouse).materialize(
+        lambda recordings: device_window_counts(recordings, config.window_seconds),
+        "device_id int, window_start bigint, readings bigint",
+        lambda counts: device_signal_loss(counts, **settings),
+        settings=settings,
+        uses_patients=False,
+    )

@@ -1,0 +1,113 @@
+"""Sensors that start a `medallion` run when files land.
+
+The cursor is a high-water mark, not a list of files: the newest change time (ctime) seen and the
+names that share it. A rename into the folder sets a file's ctime, so a file written long ago and
+renamed in now is still new. Files changed in the last `SETTLE_SECONDS` wait for the next tick, so
+a file renamed in while the folder is being listed cannot fall behind the mark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from heartbeat_assets.jobs import medallion_job
+from resources import LakehouseResource
+
+SETTLE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class LandingCursor:
+    ctime_ns: int = -1
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: str | None) -> LandingCursor:
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(int(data["ctime_ns"]), tuple(data["names"]))
+
+    def serialize(self) -> str:
+        return json.dumps({"ctime_ns": self.ctime_ns, "names": sorted(self.names)})
+
+
+def is_landed_file(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Files the pipeline reads: the right suffix, not hidden or in progress (leading `.` or `_`)."""
+    return name.endswith(suffixes) and not name.startswith((".", "_"))
+
+
+def scan_new_files(
+    folder: Path, cursor: LandingCursor, suffixes: tuple[str, ...], now_ns: int | None = None
+) -> tuple[list[str], LandingCursor]:
+    """Names of settled files that landed after `cursor`, and the cursor to store next."""
+    settled_before = (now_ns if now_ns is not None else time.time_ns()) - int(SETTLE_SECONDS * 1e9)
+    new: list[tuple[int, str]] = []
+    if folder.is_dir():
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not is_landed_file(entry.name, suffixes):
+                    continue
+                try:
+                    ctime = entry.stat().st_ctime_ns
+                except FileNotFoundError:  # renamed away while listing
+                    continue
+                if ctime > settled_before:
+                    continue
+                if ctime > cursor.ctime_ns or (ctime == cursor.ctime_ns and entry.name not in cursor.names):
+                    new.append((ctime, entry.name))
+    if not new:
+        return [], cursor
+    newest = max(ctime for ctime, _ in new)
+    names = {name for ctime, name in new if ctime == newest}
+    if newest == cursor.ctime_ns:
+        names |= set(cursor.names)
+    return sorted(name for _, name in new), LandingCursor(newest, tuple(sorted(names)))
+
+
+def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description: str):
+    @sensor(
+        name=name,
+        job=medallion_job,
+        minimum_interval_seconds=5,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=description,
+    )
+    def _sensor(context: SensorEvaluationContext, lakehouse: LakehouseResource):
+        cursor = LandingCursor.parse(context.cursor)
+        files, next_cursor = scan_new_files(folder_of(lakehouse), cursor, suffixes)
+        if not files:
+            return SkipReason(f"No new files in {folder_of(lakehouse)}")
+        preview = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        context.log.info(f"{len(files)} new file(s): {preview}")
+        return SensorResult(
+            run_requests=[
+                RunRequest(
+                    run_key=f"{name}:{next_cursor.ctime_ns}",
+                    tags={"heartbeat/trigger": name, "heartbeat/new_files": str(len(files))},
+                )
+            ],
+            cursor=next_cursor.serialize(),
+        )
+
+    return _sensor
+
+
+recordings_landing_sensor = _landing_sensor(
+    "recordings_landing_sensor",
+    lambda lakehouse: lakehouse.recordings_landing,
+    (".json", ".json.gz"),
+    "Starts a medallion run when recording files land in landing/recordings.",
+)
+patients_landing_sensor = _landing_sensor(
+    "patients_landing_sensor",
+    lambda lakehouse: lakehouse.patients_landing,
+    (".csv",),
+    "Starts a medallion run when patient CSV files land in landing/patients.",
+)

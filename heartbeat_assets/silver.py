@@ -1,0 +1,224 @@
+"""Silver: the current patient dimension, and valid, deduplicated recordings enriched with the patient name."""
+
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, MaterializeResult, asset, multi_asset
+from pydantic import Field
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from heartbeat_assets import bronze
+from heartbeat_assets.streaming import row_count, run_available_now
+from heartbeat_assets.tables import append_batch, replace_table
+from resources import LakehouseResource, SparkSessionResource
+
+BRONZE_RECORDINGS_SCHEMA = (
+    f"{bronze.RECORDING_SCHEMA}, _rescued string, source_file string, source_line int, "
+    "source_element int, source_modified_at timestamp, ingested_at timestamp"
+)
+BRONZE_PATIENTS_SCHEMA = (
+    "mrn string, name string, _extra string, raw string, source_file string, source_line int, "
+    "source_modified_at timestamp, ingested_at timestamp"
+)
+PATIENTS_SCHEMA = "mrn bigint, name string"
+
+MAX_HEARTRATE = 300.0
+#: Recordings before this instant (2000-01-01T00:00:00Z) are not plausible.
+DEFAULT_MIN_TIME = 946_684_800.0
+
+RECORDING_COLUMNS = ["device_id", "mrn", "recorded_at", "heartrate", "patient_name", "date", "source_file"]
+QUARANTINE_COLUMNS = [
+    "device_id", "mrn", "time", "heartrate", "reason",
+    "source_file", "source_line", "source_element", "ingested_at",
+]  # fmt: skip
+
+PATIENTS = AssetKey(["silver", "patients"])
+RECORDINGS = AssetKey(["silver", "recordings"])
+RECORDINGS_QUARANTINE = AssetKey(["silver", "recordings_quarantine"])
+
+
+def current_patients(bronze_patients: DataFrame) -> DataFrame:
+    """One row per mrn with its latest name: the newest file (modification time, then name) wins,
+    and within a file the last line. Rows without a numeric mrn or a name are left out."""
+    valid = bronze_patients.where(
+        F.col("mrn").rlike("^[0-9]{1,18}$") & (F.col("name") != "") & F.col("_extra").isNull()
+    )
+    newest_first = F.struct("source_modified_at", "source_file", "source_line")
+    return valid.groupBy(F.col("mrn").cast("bigint").alias("mrn")).agg(F.max_by("name", newest_first).alias("name"))
+
+
+def validate_recordings(
+    recordings: DataFrame, *, min_time: float = DEFAULT_MIN_TIME, max_clock_skew_s: float = 86_400.0
+) -> DataFrame:
+    """Add `reason`: null for a valid recording, else `invalid_heartrate` and/or `invalid_time`.
+
+    Valid: 0 < heartrate <= 300, and `min_time` <= time <= the file's landing time + `max_clock_skew_s`
+    (a device cannot record after its file landed; the margin allows for device clocks running ahead).
+    """
+    heartrate, time = F.col("heartrate"), F.col("time")
+    bad_heartrate = F.isnan(heartrate) | (heartrate <= 0) | (heartrate > MAX_HEARTRATE)
+    latest_time = F.unix_micros("source_modified_at") / 1e6 + max_clock_skew_s
+    bad_time = F.isnan(time) | (time < min_time) | (time > latest_time)
+    reason = F.concat_ws(
+        ";", F.when(bad_heartrate, F.lit("invalid_heartrate")), F.when(bad_time, F.lit("invalid_time"))
+    )
+    return recordings.withColumn("reason", F.nullif(reason, F.lit("")))
+
+
+def deduplicate(validated: DataFrame) -> DataFrame:
+    """Drop repeated valid recordings, identified by (device_id, mrn, time), however late they come.
+
+    Rejected rows each get a key of their own (their source position), so they are never taken for
+    duplicates of a valid recording. On a stream the seen keys live in the state store.
+    """
+    valid = F.col("reason").isNull()
+    key = F.struct(
+        F.when(valid, F.col("device_id")).alias("device_id"),
+        F.when(valid, F.col("mrn")).alias("mrn"),
+        F.when(valid, F.col("time")).alias("time"),
+        F.when(~valid, F.col("source_file")).alias("source_file"),
+        F.when(~valid, F.col("source_line")).alias("source_line"),
+        F.when(~valid, F.col("source_element")).alias("source_element"),
+    )
+    return validated.withColumn("_key", key).dropDuplicates(["_key"]).drop("_key")
+
+
+def enrich(recordings: DataFrame, patients: DataFrame) -> DataFrame:
+    """Add `recorded_at` (UTC timestamp from epoch seconds), `date` and the patient's current name."""
+    names = F.broadcast(patients.select("mrn", F.col("name").alias("patient_name")))
+    return (
+        recordings.join(names, "mrn", "left")
+        .withColumn("recorded_at", F.timestamp_seconds("time"))
+        .withColumn("date", F.to_date("recorded_at"))
+    )
+
+
+def clean_recordings(bronze_recordings: DataFrame, patients: DataFrame, **validation) -> DataFrame:
+    """Validated, deduplicated and enriched recordings; rejected ones carry a `reason`."""
+    return enrich(deduplicate(validate_recordings(bronze_recordings, **validation)), patients)
+
+
+def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFrame:
+    table = lakehouse.table("silver/patients")
+    if (table / "part-00000.parquet").exists():
+        return spark.read.parquet(str(table))
+    return spark.createDataFrame([], PATIENTS_SCHEMA)
+
+
+def read_table_stream(spark: SparkSession, lakehouse: LakehouseResource, name: str, schema: str) -> DataFrame:
+    """Stream the files appended to one of the lakehouse's own tables."""
+    table = lakehouse.table(name)
+    table.mkdir(parents=True, exist_ok=True)
+    return spark.readStream.schema(schema).option("maxFileAge", "36500d").parquet(str(table))
+
+
+class SilverRecordingsConfig(Config):
+    min_time: float = Field(
+        default=DEFAULT_MIN_TIME, description="Earliest plausible recording time, epoch seconds (UTC)."
+    )
+    max_clock_skew_s: float = Field(
+        default=86_400.0, description="How far after its file landed a recording's time may be."
+    )
+
+
+@asset(
+    key=PATIENTS,
+    deps=[bronze.PATIENTS],
+    group_name="silver",
+    description="The current patient dimension: one row per mrn with the latest name.",
+    pool="heartbeat_lakehouse",
+)
+def silver_patients(
+    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
+) -> MaterializeResult:
+    """Fold new bronze patient rows into the dimension (complete-mode aggregate, table replaced atomically)."""
+    table = lakehouse.table("silver/patients")
+    latest: dict[str, int] = {}
+
+    def write_batch(patients: DataFrame, batch_id: int) -> dict[str, int]:
+        # Complete mode: every micro-batch carries the whole dimension; the last one is the table.
+        latest["dagster/row_count"] = replace_table(patients, table, {"batch_id": batch_id})
+        return {}
+
+    stream = read_table_stream(spark.spark_session, lakehouse, "bronze/patients", BRONZE_PATIENTS_SCHEMA)
+    report = run_available_now(
+        current_patients(stream),
+        name="silver/patients",
+        checkpoint=lakehouse.checkpoint("silver/patients"),
+        write_batch=write_batch,
+        output_mode="complete",
+    )
+    return MaterializeResult(metadata={**report.metadata(), **latest})
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            RECORDINGS,
+            deps=[bronze.RECORDINGS, PATIENTS],
+            description="Valid, deduplicated recordings with the patient's name, partitioned by UTC date.",
+            group_name="silver",
+        ),
+        AssetSpec(
+            RECORDINGS_QUARANTINE,
+            deps=[bronze.RECORDINGS],
+            description="Recordings rejected in silver, each with a reason.",
+            group_name="silver",
+        ),
+    ],
+    pool="heartbeat_lakehouse",
+)
+def silver_recordings(
+    context: AssetExecutionContext,
+    config: SilverRecordingsConfig,
+    spark: SparkSessionResource,
+    lakehouse: LakehouseResource,
+):
+    """Validate, deduplicate and enrich new bronze recordings."""
+    session = spark.spark_session
+    recordings_table = lakehouse.table("silver/recordings")
+    quarantine_table = lakehouse.table("silver/recordings_quarantine")
+
+    def write_batch(batch: DataFrame, batch_id: int) -> dict[str, int]:
+        batch = batch.persist()
+        try:
+            valid = batch.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
+            rejected = batch.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
+            return {
+                "recordings_written": append_batch(valid, recordings_table, batch_id, partition_by=["date"]),
+                "quarantined": append_batch(rejected, quarantine_table, batch_id),
+            }
+        finally:
+            batch.unpersist()
+
+    stream = read_table_stream(session, lakehouse, "bronze/recordings", BRONZE_RECORDINGS_SCHEMA)
+    report = run_available_now(
+        clean_recordings(
+            stream,
+            read_patients(session, lakehouse),
+            min_time=config.min_time,
+            max_clock_skew_s=config.max_clock_skew_s,
+        ),
+        name="silver/recordings",
+        checkpoint=lakehouse.checkpoint("silver/recordings"),
+        write_batch=write_batch,
+    )
+    duplicates = report.state_metrics.get("numDroppedDuplicateRows", 0)
+    accounted = report.count("recordings_written") + report.count("quarantined") + duplicates
+    common = {
+        **report.metadata(),
+        "duplicates_dropped": duplicates,
+        "bronze_rows_read": report.input_rows,
+        "unaccounted_rows": report.input_rows - accounted,
+    }
+    if accounted != report.input_rows:
+        context.log.error(
+            f"silver/recordings read {report.input_rows} bronze rows but accounted for {accounted} "
+            f"(written, quarantined and duplicates)."
+        )
+    yield MaterializeResult(
+        asset_key=RECORDINGS,
+        metadata={**common, **row_count(context, RECORDINGS, report.count("recordings_written"))},
+    )
+    yield MaterializeResult(
+        asset_key=RECORDINGS_QUARANTINE,
+        metadata={**common, **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined"))},
+    )

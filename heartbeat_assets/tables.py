@@ -1,0 +1,103 @@
+"""Writing Parquet tables from inside `foreachBatch`, exactly once.
+
+`foreachBatch` is at-least-once: after a crash Spark re-runs the last uncommitted micro-batch with the
+same input. Both writers here are idempotent in the batch id, which makes the end result exactly-once:
+
+* `append_batch` names every file it adds `part-b<batch id>-<n>.parquet`; a re-run of the batch first
+  removes the files of the failed attempt, then moves its own into place.
+* `replace_table` keeps a table as a single Parquet file and swaps it with one atomic rename, so a
+  reader sees the old table or the new one, never a missing, empty or half-written one.
+
+Spark writes into a `_staging` folder inside the table (readers skip names starting with `_` or `.`),
+then the files are renamed into place, which is atomic on a local or POSIX file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pyspark.sql import DataFrame
+
+TABLE_FILE = "part-00000.parquet"
+LINEAGE_FILE = "_lineage.json"
+
+
+def _is_data_file(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def data_files(table: Path) -> list[Path]:
+    """The Parquet files a reader of `table` sees (partition folders included)."""
+    if not table.exists():
+        return []
+    found = []
+    for folder, dirs, files in os.walk(table):
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        found.extend(Path(folder) / f for f in files if _is_data_file(f))
+    return sorted(found)
+
+
+def _stage(df: DataFrame, table: Path, name: str, partition_by: list[str] | None, single_file: bool) -> Path:
+    staging = table / "_staging" / name
+    shutil.rmtree(staging, ignore_errors=True)
+    writer = (df.coalesce(1) if single_file else df).write.mode("overwrite")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.parquet(str(staging))
+    return staging
+
+
+def _staged_rows(df: DataFrame, staging: Path) -> int:
+    """Rows in the staged files, from their Parquet footers (no rescan of the data)."""
+    if not data_files(staging):
+        return 0
+    return df.sparkSession.read.parquet(str(staging)).count()
+
+
+def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[str] | None = None) -> int:
+    """Append `df` to `table` as the output of micro-batch `batch_id`; return the rows written.
+
+    Safe to call again for the same batch id: the earlier attempt's files are replaced.
+    """
+    staging = _stage(df, table, f"batch-{batch_id}", partition_by, single_file=False)
+    rows = _staged_rows(df, staging)
+    prefix = f"part-b{batch_id:012d}-"
+    for old in data_files(table):
+        if old.name.startswith(prefix):
+            old.unlink()
+    if rows or not data_files(table):
+        # An empty batch adds no files, except the first, so the table exists with its schema.
+        for n, source in enumerate(data_files(staging)):
+            target = table / source.parent.relative_to(staging) / f"{prefix}{n:05d}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return rows
+
+
+def replace_table(df: DataFrame, table: Path, lineage: dict) -> int:
+    """Atomically replace `table` with `df` as one Parquet file; record what it was built from."""
+    staging = _stage(df, table, "replace", None, single_file=True)
+    rows = _staged_rows(df, staging)
+    (staged_file,) = data_files(staging)
+    os.replace(staged_file, table / TABLE_FILE)
+    shutil.rmtree(staging, ignore_errors=True)
+    _write_json_atomically(table / LINEAGE_FILE, {**lineage, "rows": rows})
+    return rows
+
+
+def read_lineage(table: Path) -> dict | None:
+    """What the current version of a replaced table was built from, or None if it was never built."""
+    try:
+        return json.loads((table / LINEAGE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,128 @@
+"""Where the lakehouse lives: landing folders, tables and checkpoints under one data root."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from dagster import ConfigurableResource, Failure
+from pydantic import Field
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR_ENV = "HEARTBEAT_DATA_DIR"
+
+#: Every table of the lakehouse, as "<layer>/<table>"; the asset key, the table folder and the
+#: checkpoint folder all use this name.
+TABLES = (
+    "bronze/recordings",
+    "bronze/recordings_quarantine",
+    "bronze/patients",
+    "silver/patients",
+    "silver/recordings",
+    "silver/recordings_quarantine",
+    "gold/heartrate_by_patient",
+    "gold/daily_patient_avg",
+    "gold/device_signal_loss",
+)
+
+
+def default_data_dir() -> str:
+    """`HEARTBEAT_DATA_DIR`, or the project's `data/` folder."""
+    return os.environ.get(DATA_DIR_ENV) or str(PROJECT_ROOT / "data")
+
+
+class LakehouseBusyError(Failure):
+    """Another process holds the lakehouse lock."""
+
+
+class LakehouseResource(ConfigurableResource):
+    """Paths of the lakehouse under one data root, and the lock that keeps runs from overlapping.
+
+    Layout under the data root::
+
+        landing/recordings/   device files (.json / .json.gz), placed atomically
+        landing/patients/     patient CSV files (header mrn,name)
+        lakehouse/<layer>/<table>/   Parquet tables
+        checkpoints/<layer>/<table>/ streaming checkpoints (and gold aggregate snapshots)
+    """
+
+    data_dir: str = Field(
+        default_factory=default_data_dir,
+        description="Root folder of the lakehouse; defaults to $HEARTBEAT_DATA_DIR or the project's data/.",
+    )
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def recordings_landing(self) -> Path:
+        return self.root / "landing" / "recordings"
+
+    @property
+    def patients_landing(self) -> Path:
+        return self.root / "landing" / "patients"
+
+    def table(self, name: str) -> Path:
+        """Folder of table `name` ("<layer>/<table>")."""
+        _check_table(name)
+        return self.root / "lakehouse" / name
+
+    def checkpoint(self, name: str) -> Path:
+        """Checkpoint folder of the streaming query that writes table `name`."""
+        _check_table(name)
+        return self.root / "checkpoints" / name
+
+    def ensure_layout(self) -> None:
+        """Create the landing folders and check the data root is writable; fail with a remedy if not."""
+        root = self.root
+        try:
+            for folder in (self.recordings_landing, self.patients_landing, root / "lakehouse", root / "checkpoints"):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = root / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise Failure(
+                f"The lakehouse data root {root} is not writable ({exc.strerror}). "
+                f"Point {DATA_DIR_ENV} at a folder you can write to, or fix its permissions."
+            ) from exc
+
+    @contextmanager
+    def exclusive_lock(self):
+        """Hold an exclusive lock on the data root for the duration of a run.
+
+        Streaming checkpoints tolerate one writer only. The Dagster instance's pool limit keeps
+        queued runs apart; this lock also stops a second `dagster asset materialize` started by hand.
+        The OS releases the lock if the process dies, so a crashed run never leaves it stale.
+        """
+        self.ensure_layout()
+        lock_path = self.root / ".lakehouse.lock"
+        handle = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise LakehouseBusyError(
+                    f"The lakehouse at {self.root} is in use by {holder}. Only one run may drive its "
+                    "streaming queries at a time: wait for that run to finish, then start this one again."
+                ) from exc
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
+
+
+def _check_table(name: str) -> None:
+    if name not in TABLES:
+        raise ValueError(f"Unknown table {name!r}; expected one of {', '.join(TABLES)}")
