@@ -27,7 +27,7 @@ LINEAGE = ["source_file", "source_line", "source_element", "source_modified_at",
 
 
 def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
-    """Stream of landed files, one row per file: `value` (the whole text), `source_file`, `source_modified_at`.
+    """Stream of landed files, one row per file: `value` (whole text), `source_file`, `source_modified_at`.
 
     Whole-file reads let a file be either JSON Lines or one (pretty-printed) JSON array; `.gz` files
     are decompressed by Spark. Names starting with `.` or `_` are in progress and skipped.
@@ -54,7 +54,11 @@ def rename_unreadable_files(folder: Path) -> list[tuple[str, str]]:
     if not folder.is_dir():
         return renamed
     for entry in os.scandir(folder):
-        if entry.is_file() and UNREADABLE_NAME_CHARS.search(entry.name) and not entry.name.startswith((".", "_")):
+        if (
+            entry.is_file()
+            and UNREADABLE_NAME_CHARS.search(entry.name)
+            and not entry.name.startswith((".", "_"))
+        ):
             new_name = UNREADABLE_NAME_CHARS.sub(lambda m: f"%{ord(m.group()):02X}", entry.name)
             os.replace(entry.path, folder / new_name)
             renamed.append((entry.name, new_name))
@@ -65,7 +69,7 @@ def _lines(files: DataFrame) -> DataFrame:
     """One row per non-blank line: `line` (1-based `source_line`) with the file's lineage columns."""
     return (
         files.select("*", F.posexplode(F.split("value", r"\r?\n")).alias("pos", "line"))
-        .where(F.trim("line") != "")
+        .where(F.col("line").rlike(r"\S"))
         .select(
             "line",
             (F.col("pos") + 1).alias("source_line"),
@@ -83,21 +87,19 @@ def parse_recordings(files: DataFrame) -> DataFrame:
     object string), `raw` (the element's text), lineage columns and `reason`: null for a well-formed
     recording, else why it is not one (several reasons joined by `;`).
     """
-    whole_file_array = F.ltrim("value").startswith("[")
+    # A file that starts with '[' is one JSON array document; any other file is JSON Lines.
+    whole_file_array = F.col("value").rlike(r"^\s*\[")
     documents = (
-        files.where(~whole_file_array)
-        .transform(_lines)
-        .withColumnRenamed("line", "document")
-        .unionByName(
-            files.where(whole_file_array).select(
-                F.col("value").alias("document"),
-                F.lit(1).alias("source_line"),
-                "source_file",
-                "source_modified_at",
-            )
+        files.select(
+            "*",
+            F.posexplode(
+                F.when(whole_file_array, F.array("value")).otherwise(F.split("value", r"\r?\n"))
+            ).alias("pos", "document"),
         )
+        .where(F.col("document").rlike(r"\S"))
+        .select("document", (F.col("pos") + 1).alias("source_line"), "source_file", "source_modified_at")
     )
-    is_array = F.ltrim("document").startswith("[")
+    is_array = F.col("document").rlike(r"^\s*\[")
     array = F.from_json("document", "array<string>")
     elements = documents.select(
         "*",
@@ -109,7 +111,9 @@ def parse_recordings(files: DataFrame) -> DataFrame:
         "raw",
         "source_file",
         "source_line",
-        F.when(is_array & ~F.col("_malformed_array"), F.col("_index") + 1).cast("int").alias("source_element"),
+        F.when(is_array & ~F.col("_malformed_array"), F.col("_index") + 1)
+        .cast("int")
+        .alias("source_element"),
         "source_modified_at",
         "_malformed_array",
     )
@@ -194,13 +198,15 @@ PATIENTS = AssetKey(["bronze", "patients"])
         ),
         AssetSpec(
             RECORDINGS_QUARANTINE,
-            description="Every landed line or array element that is not a well-formed recording, with a reason.",
+            description="Every landed line or array element that is not a well-formed recording, and why.",
             group_name="bronze",
         ),
     ],
     pool="heartbeat_lakehouse",
 )
-def bronze_recordings(context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource):
+def bronze_recordings(
+    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
+):
     """Ingest new files of landing/recordings into bronze/recordings and bronze/recordings_quarantine."""
     for old, new in rename_unreadable_files(lakehouse.recordings_landing):
         context.log.warning(f"Renamed landed file {old!r} to {new!r}: Spark cannot read that name.")

@@ -2,7 +2,6 @@
 
 import shutil
 import sys
-from pathlib import Path
 
 from dagster import DagsterInstance
 
@@ -18,7 +17,10 @@ GOLD_TABLES = ["gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/devi
 def land_samples(lakehouse: LakehouseResource) -> int:
     """Copy the sample files into the landing folders (atomically); files already there are skipped."""
     landed = 0
-    for kind, folder in (("recordings", lakehouse.recordings_landing), ("patients", lakehouse.patients_landing)):
+    for kind, folder in (
+        ("recordings", lakehouse.recordings_landing),
+        ("patients", lakehouse.patients_landing),
+    ):
         for sample in sorted((SAMPLES / kind).iterdir()):
             if not (folder / sample.name).exists():
                 land_file(folder, sample.name, sample.read_bytes())
@@ -34,12 +36,13 @@ def main() -> None:
     print(f"Data root: {lakehouse.root}")
     print(f"Landed {land_samples(lakehouse)} sample file(s).")
     instance = DagsterInstance.get()
-    result = defs.get_job_def("medallion").execute_in_process(instance=instance, raise_on_error=False)
+    result = defs.resolve_job_def("medallion").execute_in_process(instance=instance, raise_on_error=False)
     if not result.success:
         sys.exit("The medallion run failed; see the log above (or the run in the Dagster UI).")
     print(f"Run {result.run_id} succeeded.")
-    spark = build_spark_session({"spark.master": "local[1]", "spark.ui.enabled": "false",
-                                 "spark.sql.session.timeZone": "UTC"})
+    spark = build_spark_session(
+        {"spark.master": "local[1]", "spark.ui.enabled": "false", "spark.sql.session.timeZone": "UTC"}
+    )
     spark.sparkContext.setLogLevel("ERROR")
     for name in GOLD_TABLES:
         table = spark.read.parquet(str(lakehouse.table(name)))

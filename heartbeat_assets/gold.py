@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, asset
+from dagster import AssetKey, Config, Failure, MaterializeResult, asset
 from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -41,7 +41,9 @@ DEVICE_SIGNAL_LOSS = AssetKey(["gold", "device_signal_loss"])
 
 
 def patient_totals(recordings: DataFrame) -> DataFrame:
-    return recordings.groupBy("mrn").agg(F.sum(F.col("heartrate").cast(HEARTRATE_DECIMAL)).alias("heartrate_sum"), F.count("*").alias("count"))
+    return recordings.groupBy("mrn").agg(
+        F.sum(F.col("heartrate").cast(HEARTRATE_DECIMAL)).alias("heartrate_sum"), F.count("*").alias("count")
+    )
 
 
 def patient_daily_totals(recordings: DataFrame) -> DataFrame:

@@ -1,4 +1,4 @@
-"""Silver: the current patient dimension, and valid, deduplicated recordings enriched with the patient name."""
+"""Silver: the current patient dimension, and valid, deduplicated recordings with the patient's name."""
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, MaterializeResult, asset, multi_asset
 from pydantic import Field
@@ -42,7 +42,9 @@ def current_patients(bronze_patients: DataFrame) -> DataFrame:
         F.col("mrn").rlike("^[0-9]{1,18}$") & (F.col("name") != "") & F.col("_extra").isNull()
     )
     newest_first = F.struct("source_modified_at", "source_file", "source_line")
-    return valid.groupBy(F.col("mrn").cast("bigint").alias("mrn")).agg(F.max_by("name", newest_first).alias("name"))
+    return valid.groupBy(F.col("mrn").cast("bigint").alias("mrn")).agg(
+        F.max_by("name", newest_first).alias("name")
+    )
 
 
 def validate_recordings(
@@ -129,7 +131,7 @@ class SilverRecordingsConfig(Config):
 def silver_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ) -> MaterializeResult:
-    """Fold new bronze patient rows into the dimension (complete-mode aggregate, table replaced atomically)."""
+    """Fold new bronze patient rows into the dimension (complete-mode aggregate, replaced atomically)."""
     table = lakehouse.table("silver/patients")
     latest: dict[str, int] = {}
 

@@ -21,8 +21,32 @@ from tqdm import tqdm
 
 from resources.lakehouse import default_data_dir
 
-FIRST_NAMES = ["Ana", "Ben", "Caitlin", "Dev", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jamal", "Kai", "Lena"]
-LAST_NAMES = ["Garcia", "Perez", "Diaz", "Calderon", "Smith", "Okafor", "Nguyen", "Kowalski", "Haddad", "Silva"]
+FIRST_NAMES = [
+    "Ana",
+    "Ben",
+    "Caitlin",
+    "Dev",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jamal",
+    "Kai",
+    "Lena",
+]
+LAST_NAMES = [
+    "Garcia",
+    "Perez",
+    "Diaz",
+    "Calderon",
+    "Smith",
+    "Okafor",
+    "Nguyen",
+    "Kowalski",
+    "Haddad",
+    "Silva",
+]
 
 #: 2024-01-01T00:00:00Z: recordings start here, one reading per device per second.
 DEFAULT_START = 1_704_067_200.0
@@ -67,8 +91,12 @@ class Simulator:
     def device_mrn(self, device: int) -> int:
         return self.mrn(device % self.patients)
 
-    def land_patients(self, file_name: str = "patients.csv", renames: dict[int, str] | None = None,
-                      only: list[int] | None = None) -> Path:
+    def land_patients(
+        self,
+        file_name: str = "patients.csv",
+        renames: dict[int, str] | None = None,
+        only: list[int] | None = None,
+    ) -> Path:
         """Land a patient CSV: every patient (or those in `only`), with `renames` applied."""
         rng = random.Random(f"{self.seed}-patients")
         rows = ["mrn,name"]
@@ -78,8 +106,9 @@ class Simulator:
                 rows.append(f"{self.mrn(patient)},{(renames or {}).get(patient, name)}")
         return land_file(self.patients_dir, file_name, ("\n".join(rows) + "\n").encode())
 
-    def land_recordings(self, files: int, records: int, faults: Faults | None = None, wave: int = 0,
-                        progress: bool = False) -> list[Path]:
+    def land_recordings(
+        self, files: int, records: int, faults: Faults | None = None, wave: int = 0, progress: bool = False
+    ) -> list[Path]:
         """Land `files` files of about `records` recordings each; return their paths."""
         faults = faults or Faults()
         rng = random.Random(f"{self.seed}-wave-{wave}")
@@ -112,23 +141,32 @@ class Simulator:
 
     def _apply_faults(self, rec: dict, rng: random.Random, faults: Faults) -> str | None:
         roll = rng.random()
-        edges = [faults.malformed, faults.invalid_heartrate, faults.duplicates, faults.late, faults.unknown_mrn]
+        edges = [
+            faults.malformed,
+            faults.invalid_heartrate,
+            faults.duplicates,
+            faults.late,
+            faults.unknown_mrn,
+        ]
         kind = None
-        for name, share in zip(["malformed", "invalid_heartrate", "duplicates", "late", "unknown_mrn"], edges,
-                               strict=True):
+        for name, share in zip(
+            ["malformed", "invalid_heartrate", "duplicates", "late", "unknown_mrn"], edges, strict=True
+        ):
             if roll < share:
                 kind = name
                 break
             roll -= share
         if kind == "malformed":
             text = json.dumps(rec)
-            return rng.choice([
-                text[: len(text) // 2],
-                "not json at all",
-                json.dumps({**rec, "heartrate": str(rec["heartrate"])}),
-                json.dumps({k: v for k, v in rec.items() if k != "time"}),
-                json.dumps({**rec, "device_id": rec["device_id"] + 0.5}),
-            ])
+            return rng.choice(
+                [
+                    text[: len(text) // 2],
+                    "not json at all",
+                    json.dumps({**rec, "heartrate": str(rec["heartrate"])}),
+                    json.dumps({k: v for k, v in rec.items() if k != "time"}),
+                    json.dumps({**rec, "device_id": rec["device_id"] + 0.5}),
+                ]
+            )
         if kind == "invalid_heartrate":
             rec["heartrate"] = rng.choice([0.0, -12.0, 350.0, math.nan])
         elif kind == "duplicates" and self._sent:
@@ -173,15 +211,21 @@ def land_file(folder: Path, name: str, data: bytes) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=default_data_dir(), help="data root (default: $HEARTBEAT_DATA_DIR or data/)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir", default=default_data_dir(), help="data root (default: $HEARTBEAT_DATA_DIR or data/)"
+    )
     parser.add_argument("--files", type=int, default=10, help="recording files to land")
     parser.add_argument("--records", type=int, default=600, help="recordings per file")
     parser.add_argument("--patients", type=int, default=12)
     parser.add_argument("--devices", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wave", type=int, default=0, help="later waves use later times and new file names")
-    parser.add_argument("--faults", action="store_true", help="add malformed lines, duplicates, late data, ...")
+    parser.add_argument(
+        "--faults", action="store_true", help="add malformed lines, duplicates, late data, ..."
+    )
     parser.add_argument("--no-patients", action="store_true", help="do not land the patient CSV")
     args = parser.parse_args(argv)
 

@@ -80,7 +80,12 @@ class LakehouseResource(ConfigurableResource):
         """Create the landing folders and check the data root is writable; fail with a remedy if not."""
         root = self.root
         try:
-            for folder in (self.recordings_landing, self.patients_landing, root / "lakehouse", root / "checkpoints"):
+            for folder in (
+                self.recordings_landing,
+                self.patients_landing,
+                root / "lakehouse",
+                root / "checkpoints",
+            ):
                 folder.mkdir(parents=True, exist_ok=True)
             probe = root / ".write-probe"
             probe.write_text("ok")

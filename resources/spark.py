@@ -23,6 +23,9 @@ LOCAL_DEFAULTS: dict[str, str] = {
         "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
     ),
     "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+    # Progress of every micro-batch of a run is summed into the asset's metadata.
+    "spark.sql.streaming.numRecentProgressUpdates": "1000",
+    "spark.ui.showConsoleProgress": "false",
     "spark.driver.extraJavaOptions": "-Dlog4j2.level=WARN",
 }
 

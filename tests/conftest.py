@@ -1,0 +1,55 @@
+"""One SparkSession for the whole test session, and helpers to run the lakehouse through Dagster."""
+
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+
+from heartbeat_assets.definitions import build_definitions
+from resources import LakehouseResource, SparkSessionResource
+from resources.spark import build_spark_session
+
+TEST_SPARK = {"master": "local[2]", "shuffle_partitions": 2, "stop_on_teardown": False}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    config = SparkSessionResource(lakehouse=LakehouseResource(data_dir="/tmp"), **TEST_SPARK).session_config()
+    session = build_spark_session(config)
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+class Lakehouse:
+    """A lakehouse in a temporary data root, driven through Dagster like a user would."""
+
+    def __init__(self, root: Path, spark):
+        self.root = root
+        self.spark = spark
+        self.resource = LakehouseResource(data_dir=str(root))
+        self.defs = build_definitions(
+            lakehouse=self.resource, spark=SparkSessionResource(lakehouse=self.resource, **TEST_SPARK)
+        )
+        self.instance = DagsterInstance.ephemeral()
+
+    def run(self, run_config: dict | None = None, raise_on_error: bool = True):
+        job = self.defs.resolve_job_def("medallion")
+        return job.execute_in_process(
+            instance=self.instance, run_config=run_config, raise_on_error=raise_on_error
+        )
+
+    def read(self, name: str) -> list[dict]:
+        return [row.asDict() for row in self.spark.read.parquet(str(self.resource.table(name))).collect()]
+
+    def materialization_metadata(self, result, table: str) -> dict:
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key.to_user_string() == table:
+                return {key: value.value for key, value in materialization.metadata.items()}
+        raise AssertionError(f"{table} was not materialized")
+
+
+@pytest.fixture
+def lakehouse(tmp_path, spark) -> Lakehouse:
+    return Lakehouse(tmp_path / "data", spark)

@@ -1,0 +1,226 @@
+"""End to end through Dagster: generated data with faults, in waves, against the independent oracle."""
+
+import gzip
+import math
+
+import pytest
+
+from heartbeat_assets import tables
+from heartbeat_assets.simulator import Faults, Simulator, land_file
+from tests import oracle
+
+
+def snapshot_tables(root) -> dict[str, tuple[int, int]]:
+    lakehouse = root / "lakehouse"
+    return {
+        str(path.relative_to(lakehouse)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in lakehouse.rglob("*")
+        if path.is_file()
+    }
+
+
+def assert_gold_matches_oracle(lakehouse):
+    expected = oracle.compute(lakehouse.root)
+
+    by_patient = {
+        r["mrn"]: (r["patient_name"], r["avg_heartrate"], r["count"])
+        for r in lakehouse.read("gold/heartrate_by_patient")
+    }
+    assert by_patient == oracle.heartrate_by_patient(expected)
+
+    daily = {
+        (r["mrn"], r["date"]): (r["patient_name"], r["avg_heartrate"], r["count"])
+        for r in lakehouse.read("gold/daily_patient_avg")
+    }
+    want_daily = oracle.daily_patient_avg(expected)
+    assert daily.keys() == want_daily.keys()
+    for key, (name, avg, count) in want_daily.items():
+        assert daily[key][0] == name and daily[key][2] == count
+        assert math.isclose(daily[key][1], avg, rel_tol=1e-12), key
+
+    alerts = {
+        (r["device_id"], int(r["window_start"].timestamp()), r["readings"])
+        for r in lakehouse.read("gold/device_signal_loss")
+    }
+    assert alerts == oracle.device_signal_loss(expected)
+    return expected
+
+
+def assert_silver_matches_oracle(lakehouse, expected):
+    silver = lakehouse.read("silver/recordings")
+    keys = [(r["device_id"], r["mrn"], r["recorded_at"]) for r in silver]
+    assert len(keys) == len(set(keys)), "duplicate recordings in silver"
+    assert len(silver) == len(expected.silver)
+    assert {(r["device_id"], r["mrn"], r["heartrate"]) for r in silver} == {
+        (r["device_id"], r["mrn"], r["heartrate"]) for r in expected.silver.values()
+    }
+    assert len(lakehouse.read("silver/recordings_quarantine")) == expected.silver_bad
+    assert len(lakehouse.read("bronze/recordings")) == len(expected.bronze)
+    assert len(lakehouse.read("bronze/recordings_quarantine")) == expected.bronze_bad
+
+
+def assert_run_accounts_for_every_row(lakehouse, result):
+    bronze = lakehouse.materialization_metadata(result, "bronze/recordings")
+    assert bronze["elements_read"] == bronze["recordings_written"] + bronze["quarantined"]
+    silver = lakehouse.materialization_metadata(result, "silver/recordings")
+    assert silver["bronze_rows_read"] == bronze["recordings_written"]
+    assert silver["unaccounted_rows"] == 0
+    assert (
+        silver["recordings_written"] + silver["quarantined"] + silver["duplicates_dropped"]
+        == silver["bronze_rows_read"]
+    )
+    return bronze, silver
+
+
+def test_two_waves_then_idle_match_the_oracle(lakehouse):
+    sim = Simulator(lakehouse.root, seed=3, patients=6, devices=6)
+    faults = Faults(
+        malformed=0.02,
+        invalid_heartrate=0.02,
+        duplicates=0.03,
+        late=0.03,
+        unknown_mrn=0.02,
+        array_files=0.3,
+        gzip_files=0.3,
+        signal_gaps=0.5,
+    )
+    sim.land_patients(only=[0, 1, 2, 3])  # patients 4 and 5 land only in the second wave
+    first = sim.land_recordings(files=8, records=150, faults=faults, wave=0)
+
+    result = lakehouse.run()
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+    bronze, silver = assert_run_accounts_for_every_row(lakehouse, result)
+    assert bronze["files_read"] == 8
+    assert silver["duplicates_dropped"] == expected.duplicates > 0
+
+    # Wave 2: late data, new and renamed patients, a file delivered again under another name.
+    sim.land_patients("patients-update.csv", renames={1: "Renamed Patient"})
+    sim.land_recordings(
+        files=6, records=150, faults=Faults(late=0.2, duplicates=0.05, unknown_mrn=0.05), wave=1
+    )
+    land_file(first[0].parent, "redelivered-" + first[0].name, first[0].read_bytes())
+    duplicates_before = expected.duplicates
+    result = lakehouse.run()
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+    _, silver = assert_run_accounts_for_every_row(lakehouse, result)
+    names = {r["mrn"]: r["patient_name"] for r in lakehouse.read("gold/heartrate_by_patient")}
+    assert names[sim.mrn(1)] == "Renamed Patient"
+    assert sim.mrn(5) in names  # its recordings landed in wave 1, its patient row in wave 2
+    # The redelivered file's valid recordings are all duplicates now.
+    assert silver["duplicates_dropped"] == expected.duplicates - duplicates_before > 100
+
+    # Wave 3: nothing new. No table changes.
+    before = snapshot_tables(lakehouse.root)
+    result = lakehouse.run()
+    assert snapshot_tables(lakehouse.root) == before
+    bronze = lakehouse.materialization_metadata(result, "bronze/recordings")
+    assert bronze["micro_batches"] == 0 and bronze["rows_added"] == 0
+
+
+def test_hostile_input_never_fails_a_run(lakehouse):
+    landing = lakehouse.root / "landing" / "recordings"
+    good = '{"device_id": 1, "mrn": 7, "time": 1704067200.5, "heartrate": 70.0}\n'
+    land_file(landing, "with space [1] {x} *?.json", good.encode())
+    land_file(landing, "empty.json", b"")
+    land_file(landing, "blank.json", b"  \n\n \t\n")
+    land_file(
+        landing,
+        "mixed.json",
+        (
+            good.replace("70.0", "71.0")
+            + '{"device_id": 1, "mrn": 7, "time": 1704067201.5, "heartrate": 0}\n'
+            + '{"device_id": 1, "mrn": 7, "time": 1704067202.5\n'
+            + "\xff\xfe garbage".encode("latin-1").decode("latin-1")
+            + "\n"
+        )
+        .encode("utf-8")
+        .replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe"),
+    )
+    land_file(landing, "unknown mrn.json.gz", gzip.compress(good.replace('"mrn": 7', '"mrn": 999').encode()))
+    land_file(landing, "in-progress.json.tmp", b"not yet")
+    land_file(landing, "ünïcode.json", b'[{"device_id": 2, "mrn": 7, "time": 1704067300, "heartrate": 301}]')
+    land_file(lakehouse.root / "landing" / "patients", "p.csv", b"mrn,name\n7,Seven\nabc,Bad Row\n")
+
+    lakehouse.run()
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+    reasons = sorted(r["reason"] for r in lakehouse.read("bronze/recordings_quarantine"))
+    assert reasons == ["malformed_json", "not_utf8"]
+    assert sorted(r["reason"] for r in lakehouse.read("silver/recordings_quarantine")) == [
+        "invalid_heartrate",
+        "invalid_heartrate",
+    ]
+    assert (landing / "with space %5B1%5D %7Bx%7D %2A%3F.json").exists()
+    assert {r["mrn"] for r in lakehouse.read("silver/recordings")} == {7, 999}
+    assert [(r["mrn"], r["patient_name"]) for r in lakehouse.read("gold/heartrate_by_patient")] == [
+        (7, "Seven")
+    ]
+
+
+def test_rerun_after_a_failed_run_neither_duplicates_nor_loses(lakehouse, monkeypatch):
+    sim = Simulator(lakehouse.root, seed=5, patients=4, devices=4)
+    sim.land_patients()
+    sim.land_recordings(files=4, records=100, faults=Faults(duplicates=0.05, invalid_heartrate=0.05))
+    lakehouse.run()
+
+    sim.land_recordings(files=4, records=100, faults=Faults(duplicates=0.05, invalid_heartrate=0.05), wave=1)
+    real_append = tables.append_batch
+
+    def crash_after_silver_recordings(df, table, batch_id, partition_by=None):
+        rows = real_append(df, table, batch_id, partition_by)
+        if table.name == "recordings" and table.parent.name == "silver":
+            raise RuntimeError("injected crash between the two writes of a silver micro-batch")
+        return rows
+
+    monkeypatch.setattr("heartbeat_assets.silver.append_batch", crash_after_silver_recordings)
+    result = lakehouse.run(raise_on_error=False)
+    assert not result.success
+    monkeypatch.undo()
+
+    lakehouse.run()
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+
+
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_signal_loss_settings_change_requires_full_refresh(lakehouse, when):
+    sim = Simulator(lakehouse.root, seed=1, patients=2, devices=2)
+    sim.land_patients()
+    sim.land_recordings(files=2, records=120)
+    config = {"ops": {"gold__device_signal_loss": {"config": {"window_seconds": 30, "min_readings": 20}}}}
+    if when == "first":
+        lakehouse.run(config)
+        rows = lakehouse.read("gold/device_signal_loss")
+        assert all((r["window_end"] - r["window_start"]).total_seconds() == 30 for r in rows)
+    else:
+        lakehouse.run()
+        result = lakehouse.run(config, raise_on_error=False)
+        assert not result.success
+        failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "full refresh" in failure.event_specific_data.error.message
+
+
+def test_recording_dates_are_utc(lakehouse):
+    landing = lakehouse.root / "landing" / "recordings"
+    # 2024-03-01T23:59:59Z and 2024-03-02T00:00:01Z: a different date in UTC only.
+    land_file(
+        landing,
+        "midnight.json",
+        (
+            b'{"device_id": 1, "mrn": 7, "time": 1709337599, "heartrate": 60}\n'
+            b'{"device_id": 1, "mrn": 7, "time": 1709337601, "heartrate": 80}\n'
+        ),
+    )
+    land_file(lakehouse.root / "landing" / "patients", "p.csv", b"mrn,name\n7,Seven\n")
+    # The session starts out in another zone: the run must still cut dates in UTC.
+    lakehouse.spark.conf.set("spark.sql.session.timeZone", "America/New_York")
+    try:
+        lakehouse.run()
+    finally:
+        lakehouse.spark.conf.set("spark.sql.session.timeZone", "UTC")
+    rows = sorted(
+        (r["date"].isoformat(), r["avg_heartrate"]) for r in lakehouse.read("gold/daily_patient_avg")
+    )
+    assert rows == [("2024-03-01", 60.0), ("2024-03-02", 80.0)]
