@@ -87,8 +87,15 @@ def parse_recordings(files: DataFrame) -> DataFrame:
     object string), `raw` (the element's text), lineage columns and `reason`: null for a well-formed
     recording, else why it is not one (several reasons joined by `;`).
     """
-    # A file that starts with '[' is one JSON array document; any other file is JSON Lines.
-    whole_file_array = F.col("value").rlike(r"^\s*\[")
+    # A JSON array spread over many lines is one document; any other file is read line by line,
+    # which also salvages the complete elements of a truncated array. Spark's JSON parser ignores
+    # what follows the first value, so a file whose first line is a whole array is JSON Lines.
+    first_line = F.regexp_extract("value", r"^\s*([^\n]*)", 1)
+    whole_file_array = (
+        F.col("value").rlike(r"^\s*\[")
+        & F.from_json(first_line, "array<string>").isNull()
+        & F.from_json("value", "array<string>").isNotNull()
+    )
     documents = (
         files.select(
             "*",

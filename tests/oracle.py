@@ -47,7 +47,13 @@ def _elements(data: bytes) -> list[tuple[str, object]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    if text is not None and text.lstrip().startswith("["):
+    first_line = text.lstrip().split("\n", 1)[0] if text is not None else ""
+    if (
+        text is not None
+        and text.lstrip().startswith("[")
+        and not isinstance(_loads(first_line), list)
+        and _loads(text) is not None
+    ):
         documents = [text]
     else:
         documents = []
@@ -65,20 +71,22 @@ def _elements(data: bytes) -> list[tuple[str, object]]:
         if document is None:
             out.append(("bad", "not_utf8"))
             continue
-        if document.lstrip().startswith("["):
-            try:
-                items = json.loads(document)
-            except ValueError:
-                out.append(("bad", document))
-                continue
-            for item in items:
-                out.append(_classify(item if isinstance(item, dict) else _reparse(item)))
+        value = _loads(document)
+        if document.lstrip().startswith("[") and isinstance(value, list):
+            out.extend(_classify(item if isinstance(item, dict) else _reparse(item)) for item in value)
+        elif value is None or document.lstrip().startswith("["):
+            out.append(("bad", document))
         else:
-            try:
-                out.append(_classify(json.loads(document)))
-            except ValueError:
-                out.append(("bad", document))
+            out.append(_classify(value))
     return out
+
+
+def _loads(text: str):
+    """The first JSON value in `text` (what follows it is ignored, as Spark's JSON reader does)."""
+    try:
+        return json.JSONDecoder().raw_decode(text.lstrip())[0]
+    except ValueError:
+        return None
 
 
 def _reparse(item):

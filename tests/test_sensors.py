@@ -1,0 +1,95 @@
+"""The landing sensors: new files start one run, the cursor stays small, restarts lose nothing."""
+
+import os
+import time
+
+from dagster import RunRequest, SkipReason, build_sensor_context
+
+from heartbeat_assets.definitions import build_definitions
+from heartbeat_assets.sensors import (
+    LandingCursor,
+    patients_landing_sensor,
+    recordings_landing_sensor,
+    scan_new_files,
+)
+from heartbeat_assets.simulator import land_file
+from resources import LakehouseResource
+
+
+def tick(sensor, lakehouse, cursor=None):
+    context = build_sensor_context(cursor=cursor, resources={"lakehouse": lakehouse})
+    return sensor(context), context
+
+
+def settle():
+    time.sleep(1.1)  # files changed in the last second wait for the next tick
+
+
+def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
+    lakehouse = LakehouseResource(data_dir=str(tmp_path))
+    landing = lakehouse.recordings_landing
+    result, _ = tick(recordings_landing_sensor, lakehouse)
+    assert isinstance(result, SkipReason)
+
+    for i in range(3):
+        land_file(landing, f"r{i}.json", b"{}")
+    land_file(landing, "ignored.json.tmp", b"{}")
+    land_file(landing, ".hidden.json", b"{}")
+    settle()
+    result, _ = tick(recordings_landing_sensor, lakehouse)
+    assert len(result.run_requests) == 1
+    request: RunRequest = result.run_requests[0]
+    assert request.job_name in (None, "medallion") and request.tags["heartbeat/new_files"] == "3"
+
+    again, _ = tick(recordings_landing_sensor, lakehouse, cursor=result.cursor)
+    assert isinstance(again, SkipReason)
+
+
+def test_cursor_stays_small_with_many_files_and_restart_loses_nothing(tmp_path):
+    lakehouse = LakehouseResource(data_dir=str(tmp_path))
+    landing = lakehouse.recordings_landing
+    for i in range(2000):
+        land_file(landing, f"r{i:05d}.json", b"{}")
+    settle()
+    result, _ = tick(recordings_landing_sensor, lakehouse)
+    assert result.run_requests[0].tags["heartbeat/new_files"] == "2000"
+    assert len(result.cursor) < 200 + 20 * len(LandingCursor.parse(result.cursor).names)
+    assert len(LandingCursor.parse(result.cursor).names) < 2000
+
+    # A file written long ago and renamed in now is new: its change time moves with the rename.
+    old = landing.parent / "old.json"
+    old.write_bytes(b"{}")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    os.replace(old, landing / "old.json")
+    settle()
+    later, _ = tick(recordings_landing_sensor, lakehouse, cursor=result.cursor)
+    assert later.run_requests[0].tags["heartbeat/new_files"] == "1"
+
+    # A sensor whose cursor was reset sees every file once more: one run, which ingests nothing twice.
+    restarted, _ = tick(recordings_landing_sensor, lakehouse, cursor=None)
+    assert restarted.run_requests[0].tags["heartbeat/new_files"] == "2001"
+
+
+def test_files_landing_during_a_tick_are_left_for_the_next(tmp_path):
+    landing = tmp_path
+    land_file(landing, "a.json", b"{}")
+    now = time.time_ns()
+    files, cursor = scan_new_files(landing, LandingCursor(), (".json",), now_ns=now + 2_000_000_000)
+    assert files == ["a.json"]
+    land_file(landing, "b.json", b"{}")  # lands right after the listing
+    files, cursor = scan_new_files(landing, cursor, (".json",), now_ns=time.time_ns())
+    assert files == []  # not settled yet
+    files, _ = scan_new_files(landing, cursor, (".json",), now_ns=time.time_ns() + 2_000_000_000)
+    assert files == ["b.json"]
+
+
+def test_patients_sensor_and_definitions_wire_up(tmp_path):
+    lakehouse = LakehouseResource(data_dir=str(tmp_path))
+    land_file(lakehouse.patients_landing, "p.csv", b"mrn,name\n1,A\n")
+    settle()
+    result, _ = tick(patients_landing_sensor, lakehouse)
+    assert len(result.run_requests) == 1
+    defs = build_definitions(lakehouse=lakehouse)
+    assert {s.name for s in defs.sensors} == {"recordings_landing_sensor", "patients_landing_sensor"}
+    assert defs.resolve_job_def("medallion") is not None
+    assert [s.name for s in defs.schedules] == ["hourly_medallion"]
