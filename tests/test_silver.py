@@ -85,7 +85,10 @@ def test_clean_recordings_enriches_with_name_utc_time_and_date(spark):
 
 
 def test_current_patients_newest_file_then_name_then_line_wins(spark):
-    schema = "mrn string, name string, _extra string, source_file string, source_line int, source_modified_at timestamp"
+    schema = (
+        "mrn string, name string, _extra string, source_file string, source_line int, "
+        "source_modified_at timestamp"
+    )
     old, new = datetime(2024, 1, 1), datetime(2024, 1, 2)
     rows = spark.createDataFrame(
         [
