@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResul
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets.streaming import row_count, run_available_now
+from heartbeat_assets.streaming import column_schema, row_count, run_available_now
 from heartbeat_assets.tables import append_batch
 from resources import LakehouseResource, SparkSessionResource
 
@@ -233,8 +233,10 @@ def bronze_recordings(
         finally:
             elements.unpersist()
 
+    landed = read_landing(spark.spark_session, lakehouse.recordings_landing, RECORDINGS_GLOB)
+    elements = parse_recordings(landed).withColumn("ingested_at", F.current_timestamp())
     report = run_available_now(
-        read_landing(spark.spark_session, lakehouse.recordings_landing, RECORDINGS_GLOB),
+        landed,
         name="bronze/recordings",
         checkpoint=lakehouse.checkpoint("bronze/recordings"),
         write_batch=write_batch,
@@ -242,11 +244,19 @@ def bronze_recordings(
     common = {**report.metadata(), "files_read": report.input_rows}
     yield MaterializeResult(
         asset_key=RECORDINGS,
-        metadata={**common, **row_count(context, RECORDINGS, report.count("recordings_written"))},
+        metadata={
+            **common,
+            **row_count(context, RECORDINGS, report.count("recordings_written")),
+            **column_schema(elements.select(*RECORDING_COLUMNS)),
+        },
     )
     yield MaterializeResult(
         asset_key=RECORDINGS_QUARANTINE,
-        metadata={**common, **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined"))},
+        metadata={
+            **common,
+            **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined")),
+            **column_schema(elements.select(*QUARANTINE_COLUMNS)),
+        },
     )
 
 
@@ -268,8 +278,9 @@ def bronze_patients(
         rows = parse_patients(files).withColumn("ingested_at", F.current_timestamp())
         return {"rows_written": append_batch(rows, table, batch_id)}
 
+    landed = read_landing(spark.spark_session, lakehouse.patients_landing, PATIENTS_GLOB)
     report = run_available_now(
-        read_landing(spark.spark_session, lakehouse.patients_landing, PATIENTS_GLOB),
+        landed,
         name="bronze/patients",
         checkpoint=lakehouse.checkpoint("bronze/patients"),
         write_batch=write_batch,
@@ -279,5 +290,6 @@ def bronze_patients(
             **report.metadata(),
             "files_read": report.input_rows,
             **row_count(context, PATIENTS, report.count("rows_written")),
+            **column_schema(parse_patients(landed).withColumn("ingested_at", F.current_timestamp())),
         }
     )

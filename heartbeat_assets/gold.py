@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from heartbeat_assets import silver
-from heartbeat_assets.streaming import run_available_now
+from heartbeat_assets.streaming import column_schema, run_available_now
 from heartbeat_assets.tables import read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -163,17 +163,17 @@ class GoldTable:
         if uses_patients:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
-        metadata = report.metadata()
-        if previous is not None and previous.get("inputs") == inputs:
-            metadata["table_rebuilt"] = False
+        unchanged = previous is not None and previous.get("inputs") == inputs
+        if snapshot is not None and not unchanged:
+            aggregated = self.spark.read.parquet(str(snapshot))
+        else:
+            aggregated = self.spark.createDataFrame([], aggregate_schema)
+        table = build(aggregated)
+        metadata = {**report.metadata(), **column_schema(table), "table_rebuilt": not unchanged}
+        if unchanged:
             metadata["dagster/row_count"] = previous["rows"]
         else:
-            if snapshot is not None:
-                aggregated = self.spark.read.parquet(str(snapshot))
-            else:
-                aggregated = self.spark.createDataFrame([], aggregate_schema)
-            metadata["table_rebuilt"] = True
-            metadata["dagster/row_count"] = replace_table(build(aggregated), self.table, {"inputs": inputs})
+            metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
         return MaterializeResult(metadata=metadata)
 
     def _write_snapshot(self, aggregated: DataFrame, batch_id: int) -> dict[str, int]:

@@ -6,7 +6,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze
-from heartbeat_assets.streaming import row_count, run_available_now
+from heartbeat_assets.streaming import column_schema, row_count, run_available_now
 from heartbeat_assets.tables import append_batch, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -141,14 +141,15 @@ def silver_patients(
         return {}
 
     stream = read_table_stream(spark.spark_session, lakehouse, "bronze/patients", BRONZE_PATIENTS_SCHEMA)
+    dimension = current_patients(stream)
     report = run_available_now(
-        current_patients(stream),
+        dimension,
         name="silver/patients",
         checkpoint=lakehouse.checkpoint("silver/patients"),
         write_batch=write_batch,
         output_mode="complete",
     )
-    return MaterializeResult(metadata={**report.metadata(), **latest})
+    return MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
 
 
 @multi_asset(
@@ -192,13 +193,14 @@ def silver_recordings(
             batch.unpersist()
 
     stream = read_table_stream(session, lakehouse, "bronze/recordings", BRONZE_RECORDINGS_SCHEMA)
+    cleaned = clean_recordings(
+        stream,
+        read_patients(session, lakehouse),
+        min_time=config.min_time,
+        max_clock_skew_s=config.max_clock_skew_s,
+    )
     report = run_available_now(
-        clean_recordings(
-            stream,
-            read_patients(session, lakehouse),
-            min_time=config.min_time,
-            max_clock_skew_s=config.max_clock_skew_s,
-        ),
+        cleaned,
         name="silver/recordings",
         checkpoint=lakehouse.checkpoint("silver/recordings"),
         write_batch=write_batch,
@@ -218,9 +220,17 @@ def silver_recordings(
         )
     yield MaterializeResult(
         asset_key=RECORDINGS,
-        metadata={**common, **row_count(context, RECORDINGS, report.count("recordings_written"))},
+        metadata={
+            **common,
+            **row_count(context, RECORDINGS, report.count("recordings_written")),
+            **column_schema(cleaned.select(*RECORDING_COLUMNS)),
+        },
     )
     yield MaterializeResult(
         asset_key=RECORDINGS_QUARANTINE,
-        metadata={**common, **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined"))},
+        metadata={
+            **common,
+            **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined")),
+            **column_schema(cleaned.select(*QUARANTINE_COLUMNS)),
+        },
     )

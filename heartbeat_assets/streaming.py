@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Failure
+from dagster import AssetExecutionContext, AssetKey, Failure, TableColumn, TableSchema
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame
 
@@ -111,3 +111,9 @@ def row_count(context: AssetExecutionContext, key: AssetKey, rows_added: int) ->
         value = event.asset_materialization.metadata.get("dagster/row_count")
         previous = int(value.value) if value is not None else 0
     return {"dagster/row_count": previous + rows_added, "rows_added": rows_added}
+
+
+def column_schema(df: DataFrame) -> dict[str, TableSchema]:
+    """`dagster/column_schema` of a table, from the plan of the DataFrame that writes it (no data read)."""
+    columns = [TableColumn(f.name, f.dataType.simpleString()) for f in df.schema.fields]
+    return {"dagster/column_schema": TableSchema(columns=columns)}

@@ -7,6 +7,7 @@ import pytest
 
 from heartbeat_assets import tables
 from heartbeat_assets.simulator import Faults, Simulator, land_file
+from resources import TABLES
 from tests import oracle
 
 
@@ -72,6 +73,22 @@ def assert_run_accounts_for_every_row(lakehouse, result):
     return bronze, silver
 
 
+def assert_metadata_schema_matches_tables(lakehouse, result):
+    for table in TABLES:
+        declared = lakehouse.materialization_metadata(result, table)["dagster/column_schema"]
+        written = lakehouse.spark.read.parquet(str(lakehouse.resource.table(table))).schema
+        # Partition columns come last when Spark reads a partitioned table back.
+        assert sorted((c.name, c.type) for c in declared.columns) == sorted(
+            (f.name, f.dataType.simpleString()) for f in written.fields
+        ), table
+    assert [
+        c.name
+        for c in lakehouse.materialization_metadata(result, "silver/recordings")[
+            "dagster/column_schema"
+        ].columns
+    ][:6] == ["device_id", "mrn", "recorded_at", "heartrate", "patient_name", "date"]
+
+
 def test_two_waves_then_idle_match_the_oracle(lakehouse):
     sim = Simulator(lakehouse.root, seed=3, patients=6, devices=6)
     faults = Faults(
@@ -92,6 +109,7 @@ def test_two_waves_then_idle_match_the_oracle(lakehouse):
     assert_silver_matches_oracle(lakehouse, expected)
     bronze, silver = assert_run_accounts_for_every_row(lakehouse, result)
     assert bronze["files_read"] == 8
+    assert_metadata_schema_matches_tables(lakehouse, result)
     assert silver["duplicates_dropped"] == expected.duplicates > 0
 
     # Wave 2: late data, new and renamed patients, a file delivered again under another name.
