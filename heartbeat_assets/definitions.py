@@ -6,18 +6,19 @@ from heartbeat_assets import bronze, gold, silver
 from heartbeat_assets.jobs import medallion_job
 from heartbeat_assets.schedules import hourly_medallion_schedule
 from heartbeat_assets.sensors import patients_landing_sensor, recordings_landing_sensor
-from resources import LakehouseResource, SparkSessionResource
+from resources import LakehouseResource, SparkSessionResource, resources_from_env
 
 
 def build_definitions(lakehouse: LakehouseResource | None = None, spark: SparkSessionResource | None = None):
-    """The project's `Definitions`; tests pass their own resources."""
-    lakehouse = lakehouse or LakehouseResource()
+    """The project's `Definitions`, with resources from the environment unless given (tests give theirs)."""
+    from_env = resources_from_env()
+    lakehouse = lakehouse or from_env["lakehouse"]
     return Definitions(
         assets=load_assets_from_modules([bronze, silver, gold]),
         jobs=[medallion_job],
         sensors=[recordings_landing_sensor, patients_landing_sensor],
         schedules=[hourly_medallion_schedule],
-        resources={"lakehouse": lakehouse, "spark": spark or SparkSessionResource(lakehouse=lakehouse)},
+        resources={"lakehouse": lakehouse, "spark": spark or from_env["spark"]},
         # One process and one SparkSession per run: the multiprocess executor would start a JVM per asset.
         executor=in_process_executor,
     )

@@ -1,6 +1,36 @@
 """Resources shared by the assets and sensors: the lakehouse paths and the SparkSession."""
 
+import json
+import os
+
 from resources.lakehouse import TABLES, LakehouseResource, default_data_dir
 from resources.spark import SparkSessionResource
 
-__all__ = ["TABLES", "LakehouseResource", "SparkSessionResource", "default_data_dir"]
+__all__ = ["TABLES", "LakehouseResource", "SparkSessionResource", "default_data_dir", "resources_from_env"]
+
+
+def resources_from_env(environ=os.environ) -> dict:
+    """The project's resources, chosen from the environment in this one place.
+
+    - `HEARTBEAT_DATA_DIR`: the data root (default: the project's `data/`).
+    - `HEARTBEAT_SPARK_MASTER`: Spark master URL (default `local[*]`), e.g. `spark://host:7077`.
+    - `HEARTBEAT_SPARK_CONF`: a JSON object of extra `spark.*` settings.
+    """
+    lakehouse = LakehouseResource(data_dir=environ.get("HEARTBEAT_DATA_DIR") or default_data_dir())
+    spark_options = {}
+    if environ.get("HEARTBEAT_SPARK_MASTER"):
+        spark_options["master"] = environ["HEARTBEAT_SPARK_MASTER"]
+    if environ.get("HEARTBEAT_SPARK_CONF"):
+        try:
+            spark_config = json.loads(environ["HEARTBEAT_SPARK_CONF"])
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"HEARTBEAT_SPARK_CONF must be a JSON object of spark settings, "
+                f'e.g. {{"spark.executor.memory": "2g"}}: {exc}'
+            ) from exc
+        if not isinstance(spark_config, dict):
+            raise ValueError(
+                'HEARTBEAT_SPARK_CONF must be a JSON object, e.g. {"spark.executor.memory": "2g"}'
+            )
+        spark_options["spark_config"] = spark_config
+    return {"lakehouse": lakehouse, "spark": SparkSessionResource(lakehouse=lakehouse, **spark_options)}

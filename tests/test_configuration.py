@@ -6,7 +6,7 @@ import stat
 import pytest
 from dagster import Failure
 
-from resources import LakehouseResource, SparkSessionResource
+from resources import LakehouseResource, SparkSessionResource, resources_from_env
 from resources.lakehouse import LakehouseBusyError
 from resources.spark import build_spark_session
 
@@ -62,3 +62,17 @@ def test_spark_config_defaults_and_overrides():
 def test_unknown_table_name_is_rejected():
     with pytest.raises(ValueError, match="Unknown table 'gold/nope'"):
         LakehouseResource(data_dir="/tmp").table("gold/nope")
+
+
+def test_resources_from_the_environment(tmp_path):
+    env = {
+        "HEARTBEAT_DATA_DIR": str(tmp_path),
+        "HEARTBEAT_SPARK_MASTER": "spark://cluster:7077",
+        "HEARTBEAT_SPARK_CONF": '{"spark.executor.memory": "4g"}',
+    }
+    resources = resources_from_env(env)
+    assert resources["lakehouse"].root == tmp_path.resolve()
+    config = resources["spark"].session_config()
+    assert config["spark.master"] == "spark://cluster:7077" and config["spark.executor.memory"] == "4g"
+    with pytest.raises(ValueError, match="HEARTBEAT_SPARK_CONF must be a JSON object"):
+        resources_from_env({"HEARTBEAT_SPARK_CONF": "executor.memory=4g"})
