@@ -9,7 +9,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets.streaming import column_schema, row_count, run_available_now
-from heartbeat_assets.tables import append_batch
+from heartbeat_assets.tables import append_batch, ensure_exists
 from resources import LakehouseResource, SparkSessionResource
 
 RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
@@ -90,6 +90,7 @@ def parse_recordings(files: DataFrame) -> DataFrame:
     # A JSON array spread over many lines is one document; any other file is read line by line,
     # which also salvages the complete elements of a truncated array. Spark's JSON parser ignores
     # what follows the first value, so a file whose first line is a whole array is JSON Lines.
+    files = files.withColumn("value", F.regexp_replace("value", "^\ufeff", ""))  # a UTF-8 byte order mark
     first_line = F.regexp_extract("value", r"^\s*([^\n]*)", 1)
     whole_file_array = (
         F.col("value").rlike(r"^\s*\[")
@@ -241,6 +242,8 @@ def bronze_recordings(
         checkpoint=lakehouse.checkpoint("bronze/recordings"),
         write_batch=write_batch,
     )
+    ensure_exists(elements.select(*RECORDING_COLUMNS), recordings_table)
+    ensure_exists(elements.select(*QUARANTINE_COLUMNS), quarantine_table)
     common = {**report.metadata(), "files_read": report.input_rows}
     yield MaterializeResult(
         asset_key=RECORDINGS,
@@ -279,17 +282,19 @@ def bronze_patients(
         return {"rows_written": append_batch(rows, table, batch_id)}
 
     landed = read_landing(spark.spark_session, lakehouse.patients_landing, PATIENTS_GLOB)
+    rows = parse_patients(landed).withColumn("ingested_at", F.current_timestamp())
     report = run_available_now(
         landed,
         name="bronze/patients",
         checkpoint=lakehouse.checkpoint("bronze/patients"),
         write_batch=write_batch,
     )
+    ensure_exists(rows, table)
     return MaterializeResult(
         metadata={
             **report.metadata(),
             "files_read": report.input_rows,
             **row_count(context, PATIENTS, report.count("rows_written")),
-            **column_schema(parse_patients(landed).withColumn("ingested_at", F.current_timestamp())),
+            **column_schema(rows),
         }
     )

@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze
 from heartbeat_assets.streaming import column_schema, row_count, run_available_now
-from heartbeat_assets.tables import append_batch, replace_table
+from heartbeat_assets.tables import append_batch, data_files, ensure_exists, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
 BRONZE_RECORDINGS_SCHEMA = (
@@ -100,7 +100,7 @@ def clean_recordings(bronze_recordings: DataFrame, patients: DataFrame, **valida
 
 def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFrame:
     table = lakehouse.table("silver/patients")
-    if (table / "part-00000.parquet").exists():
+    if data_files(table):
         return spark.read.parquet(str(table))
     return spark.createDataFrame([], PATIENTS_SCHEMA)
 
@@ -149,6 +149,7 @@ def silver_patients(
         write_batch=write_batch,
         output_mode="complete",
     )
+    ensure_exists(dimension, table)
     return MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
 
 
@@ -205,6 +206,8 @@ def silver_recordings(
         checkpoint=lakehouse.checkpoint("silver/recordings"),
         write_batch=write_batch,
     )
+    ensure_exists(cleaned.select(*RECORDING_COLUMNS), recordings_table, partition_by=["date"])
+    ensure_exists(cleaned.select(*QUARANTINE_COLUMNS), quarantine_table)
     duplicates = report.state_metrics.get("numDroppedDuplicateRows", 0)
     accounted = report.count("recordings_written") + report.count("quarantined") + duplicates
     common = {

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from pyspark.sql import DataFrame
+from pyspark.sql.types import DateType
 
 TABLE_FILE = "part-00000.parquet"
 LINEAGE_FILE = "_lineage.json"
@@ -68,14 +69,52 @@ def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[s
     for old in data_files(table):
         if old.name.startswith(prefix):
             old.unlink()
-    if rows or not data_files(table):
-        # An empty batch adds no files, except the first, so the table exists with its schema.
+    if rows:
         for n, source in enumerate(data_files(staging)):
             target = table / source.parent.relative_to(staging) / f"{prefix}{n:05d}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
+        _remove_empty_placeholder(table)
     shutil.rmtree(staging, ignore_errors=True)
     return rows
+
+
+EMPTY_FILE = "part-empty.parquet"
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+
+
+def ensure_exists(df: DataFrame, table: Path, partition_by: list[str] | None = None) -> None:
+    """Give a table that has no file yet an empty one with its schema, so readers find the table.
+
+    `df` only provides the schema (a streaming DataFrame will do). For a partitioned table the empty
+    file sits in a placeholder partition whose value gives the column its type (a date column would
+    read as `void` from a null partition); it is removed when the first rows arrive.
+    """
+    if data_files(table):
+        return
+    spark = df.sparkSession
+    empty = spark.createDataFrame([], df.schema).drop(*(partition_by or []))
+    staging = _stage(empty, table, "empty", None, single_file=True)
+    types = {field.name: field.dataType for field in df.schema.fields}
+    folder = table.joinpath(
+        *(
+            f"{c}={'1970-01-01' if isinstance(types[c], DateType) else NULL_PARTITION}"
+            for c in partition_by or []
+        )
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (staged_file,) = data_files(staging)
+    os.replace(staged_file, folder / EMPTY_FILE)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_empty_placeholder(table: Path) -> None:
+    for placeholder in [p for p in data_files(table) if p.name == EMPTY_FILE]:
+        placeholder.unlink()
+        folder = placeholder.parent
+        while folder != table and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def replace_table(df: DataFrame, table: Path, lineage: dict) -> int:
@@ -85,6 +124,7 @@ def replace_table(df: DataFrame, table: Path, lineage: dict) -> int:
     (staged_file,) = data_files(staging)
     os.replace(staged_file, table / TABLE_FILE)
     shutil.rmtree(staging, ignore_errors=True)
+    _remove_empty_placeholder(table)
     _write_json_atomically(table / LINEAGE_FILE, {**lineage, "rows": rows})
     return rows
 

@@ -43,6 +43,7 @@ def _is_number(value) -> bool:
 
 def _elements(data: bytes) -> list[tuple[str, object]]:
     """(kind, value) per element: ("record", dict) or ("bad", text)."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -89,6 +89,12 @@ def test_pretty_printed_array_file_and_array_lines(spark):
     ]
 
 
+def test_byte_order_mark_is_not_part_of_the_first_record(spark):
+    assert parsed(spark, '\ufeff{"device_id": 1, "mrn": 10, "time": 1, "heartrate": 60}') == [
+        (1, None, 1, 10, 1.0, 60.0, None, None)
+    ]
+
+
 def test_empty_and_blank_files_have_no_elements(spark):
     assert parsed(spark, "", "  \n\t\n", "[]") == []
 

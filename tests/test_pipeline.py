@@ -242,3 +242,15 @@ def test_recording_dates_are_utc(lakehouse):
         (r["date"].isoformat(), r["avg_heartrate"]) for r in lakehouse.read("gold/daily_patient_avg")
     )
     assert rows == [("2024-03-01", 60.0), ("2024-03-02", 80.0)]
+
+
+def test_empty_lakehouse_run_creates_empty_tables(lakehouse):
+    lakehouse.run()
+    for table in (
+        "gold/heartrate_by_patient",
+        "gold/daily_patient_avg",
+        "gold/device_signal_loss",
+        "silver/patients",
+    ):
+        assert lakehouse.read(table) == []
+    lakehouse.run()  # and an idle run on it changes nothing

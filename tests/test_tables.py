@@ -1,8 +1,9 @@
 """The idempotent batch writers behind exactly-once, and the atomic replace readers rely on."""
 
+import datetime
 import threading
 
-from heartbeat_assets.tables import append_batch, data_files, read_lineage, replace_table
+from heartbeat_assets.tables import append_batch, data_files, ensure_exists, read_lineage, replace_table
 
 
 def rows_of(spark, table):
@@ -26,16 +27,30 @@ def test_append_batch_partitioned_and_empty(spark, tmp_path):
     table = tmp_path / "t"
     schema = "id int, day string"
     assert append_batch(spark.createDataFrame([], schema), table, 0, partition_by=["day"]) == 0
+    assert data_files(table) == []
     append_batch(spark.createDataFrame([(1, "x"), (2, "y")], schema), table, 1, partition_by=["day"])
     append_batch(spark.createDataFrame([], schema), table, 2, partition_by=["day"])
     assert rows_of(spark, table) == [(1, "x"), (2, "y")]
     assert sorted(p.parent.name for p in data_files(table)) == ["day=x", "day=y"]
 
 
-def test_empty_first_batch_leaves_a_readable_table(spark, tmp_path):
+def test_a_table_without_rows_exists_with_its_schema_until_rows_arrive(spark, tmp_path):
     table = tmp_path / "t"
-    append_batch(spark.createDataFrame([], "id int"), table, 0)
-    assert spark.read.parquet(str(table)).schema.simpleString() == "struct<id:int>"
+    schema = "id int, day date"
+    ensure_exists(spark.createDataFrame([], schema), table, partition_by=["day"])
+    assert spark.read.parquet(str(table)).schema.simpleString() == "struct<id:int,day:date>"
+    assert spark.read.parquet(str(table)).count() == 0
+    ensure_exists(spark.createDataFrame([], schema), table, partition_by=["day"])  # no second file
+    assert len(data_files(table)) == 1
+    day = datetime.date(2024, 5, 1)
+    append_batch(spark.createDataFrame([(1, day)], schema), table, 0, partition_by=["day"])
+    assert [p.parent.name for p in data_files(table)] == ["day=2024-05-01"]
+    assert sorted(p.name for p in table.iterdir() if not p.name.startswith("_")) == ["day=2024-05-01"]
+
+    plain = tmp_path / "plain"
+    ensure_exists(spark.createDataFrame([], "id int"), plain)
+    replace_table(spark.createDataFrame([(5,)], "id int"), plain, {})
+    assert rows_of(spark, plain) == [(5,)] and len(data_files(plain)) == 1
 
 
 def test_replace_table_is_never_missing_empty_or_partial_for_a_reader(spark, tmp_path):
