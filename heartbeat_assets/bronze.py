@@ -8,8 +8,8 @@ from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResul
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets.streaming import column_schema, row_count, run_available_now
-from heartbeat_assets.tables import append_batch, ensure_exists
+from heartbeat_assets.streaming import appended_table_result, run_available_now
+from heartbeat_assets.tables import append_batch
 from resources import LakehouseResource, SparkSessionResource
 
 RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
@@ -189,6 +189,13 @@ def parse_patients(files: DataFrame) -> DataFrame:
     )
 
 
+def _rename_unreadable_files(context: AssetExecutionContext, folder: Path) -> None:
+    for old, new in rename_unreadable_files(folder):
+        context.log.warning(
+            f"Renamed landed file {old!r} to {new!r} in {folder}: Spark cannot read that name."
+        )
+
+
 RECORDING_COLUMNS = [*RECORDING_FIELDS, "_rescued", *LINEAGE]
 QUARANTINE_COLUMNS = ["raw", "reason", *LINEAGE]
 
@@ -216,8 +223,7 @@ def bronze_recordings(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ):
     """Ingest new files of landing/recordings into bronze/recordings and bronze/recordings_quarantine."""
-    for old, new in rename_unreadable_files(lakehouse.recordings_landing):
-        context.log.warning(f"Renamed landed file {old!r} to {new!r}: Spark cannot read that name.")
+    _rename_unreadable_files(context, lakehouse.recordings_landing)
     recordings_table = lakehouse.table("bronze/recordings")
     quarantine_table = lakehouse.table("bronze/recordings_quarantine")
 
@@ -242,25 +248,15 @@ def bronze_recordings(
         checkpoint=lakehouse.checkpoint("bronze/recordings"),
         write_batch=write_batch,
     )
-    ensure_exists(elements.select(*RECORDING_COLUMNS), recordings_table)
-    ensure_exists(elements.select(*QUARANTINE_COLUMNS), quarantine_table)
     common = {**report.metadata(), "files_read": report.input_rows}
-    yield MaterializeResult(
-        asset_key=RECORDINGS,
-        metadata={
-            **common,
-            **row_count(context, RECORDINGS, report.count("recordings_written")),
-            **column_schema(elements.select(*RECORDING_COLUMNS)),
-        },
-    )
-    yield MaterializeResult(
-        asset_key=RECORDINGS_QUARANTINE,
-        metadata={
-            **common,
-            **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined")),
-            **column_schema(elements.select(*QUARANTINE_COLUMNS)),
-        },
-    )
+    yield appended_table_result(
+        context, RECORDINGS, recordings_table, elements.select(*RECORDING_COLUMNS),
+        report.count("recordings_written"), common,
+    )  # fmt: skip
+    yield appended_table_result(
+        context, RECORDINGS_QUARANTINE, quarantine_table, elements.select(*QUARANTINE_COLUMNS),
+        report.count("quarantined"), common,
+    )  # fmt: skip
 
 
 @asset(
@@ -273,8 +269,7 @@ def bronze_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ) -> MaterializeResult:
     """Ingest new files of landing/patients into bronze/patients."""
-    for old, new in rename_unreadable_files(lakehouse.patients_landing):
-        context.log.warning(f"Renamed landed file {old!r} to {new!r}: Spark cannot read that name.")
+    _rename_unreadable_files(context, lakehouse.patients_landing)
     table = lakehouse.table("bronze/patients")
 
     def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
@@ -289,12 +284,7 @@ def bronze_patients(
         checkpoint=lakehouse.checkpoint("bronze/patients"),
         write_batch=write_batch,
     )
-    ensure_exists(rows, table)
-    return MaterializeResult(
-        metadata={
-            **report.metadata(),
-            "files_read": report.input_rows,
-            **row_count(context, PATIENTS, report.count("rows_written")),
-            **column_schema(rows),
-        }
-    )
+    return appended_table_result(
+        context, PATIENTS, table, rows, report.count("rows_written"),
+        {**report.metadata(), "files_read": report.input_rows},
+    )  # fmt: skip

@@ -6,7 +6,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze
-from heartbeat_assets.streaming import column_schema, row_count, run_available_now
+from heartbeat_assets.streaming import appended_table_result, column_schema, run_available_now
 from heartbeat_assets.tables import append_batch, data_files, ensure_exists, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -206,8 +206,6 @@ def silver_recordings(
         checkpoint=lakehouse.checkpoint("silver/recordings"),
         write_batch=write_batch,
     )
-    ensure_exists(cleaned.select(*RECORDING_COLUMNS), recordings_table, partition_by=["date"])
-    ensure_exists(cleaned.select(*QUARANTINE_COLUMNS), quarantine_table)
     duplicates = report.state_metrics.get("numDroppedDuplicateRows", 0)
     accounted = report.count("recordings_written") + report.count("quarantined") + duplicates
     common = {
@@ -221,19 +219,11 @@ def silver_recordings(
             f"silver/recordings read {report.input_rows} bronze rows but accounted for {accounted} "
             f"(written, quarantined and duplicates)."
         )
-    yield MaterializeResult(
-        asset_key=RECORDINGS,
-        metadata={
-            **common,
-            **row_count(context, RECORDINGS, report.count("recordings_written")),
-            **column_schema(cleaned.select(*RECORDING_COLUMNS)),
-        },
-    )
-    yield MaterializeResult(
-        asset_key=RECORDINGS_QUARANTINE,
-        metadata={
-            **common,
-            **row_count(context, RECORDINGS_QUARANTINE, report.count("quarantined")),
-            **column_schema(cleaned.select(*QUARANTINE_COLUMNS)),
-        },
-    )
+    yield appended_table_result(
+        context, RECORDINGS, recordings_table, cleaned.select(*RECORDING_COLUMNS),
+        report.count("recordings_written"), common, partition_by=["date"],
+    )  # fmt: skip
+    yield appended_table_result(
+        context, RECORDINGS_QUARANTINE, quarantine_table, cleaned.select(*QUARANTINE_COLUMNS),
+        report.count("quarantined"), common,
+    )  # fmt: skip

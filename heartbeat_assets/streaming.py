@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Failure, TableColumn, TableSchema
+from dagster import AssetExecutionContext, AssetKey, Failure, MaterializeResult, TableColumn, TableSchema
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame
+
+from heartbeat_assets.tables import ensure_exists
 
 BatchWriter = Callable[[DataFrame, int], dict[str, int]]
 
@@ -117,3 +119,24 @@ def column_schema(df: DataFrame) -> dict[str, TableSchema]:
     """`dagster/column_schema` of a table, from the plan of the DataFrame that writes it (no data read)."""
     columns = [TableColumn(f.name, f.dataType.simpleString()) for f in df.schema.fields]
     return {"dagster/column_schema": TableSchema(columns=columns)}
+
+
+def appended_table_result(
+    context: AssetExecutionContext,
+    key: AssetKey,
+    table: Path,
+    rows: DataFrame,
+    rows_added: int,
+    metadata: dict,
+    partition_by: list[str] | None = None,
+) -> MaterializeResult:
+    """The materialization of an append-only table after its query ran.
+
+    `rows` is the (streaming) DataFrame the table's rows come from: it gives the schema, which is
+    also used to create the table empty if no row has reached it yet.
+    """
+    ensure_exists(rows, table, partition_by)
+    return MaterializeResult(
+        asset_key=key,
+        metadata={**metadata, **row_count(context, key, rows_added), **column_schema(rows)},
+    )
