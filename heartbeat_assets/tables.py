@@ -70,6 +70,8 @@ def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[s
         if old.name.startswith(prefix):
             old.unlink()
     if rows:
+        # Numbered across partition folders: names stay unique within the table, which the
+        # downstream file sources rely on (they remember files by name).
         for n, source in enumerate(data_files(staging)):
             target = table / source.parent.relative_to(staging) / f"{prefix}{n:05d}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)

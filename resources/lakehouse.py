@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,9 +125,39 @@ class LakehouseResource(ConfigurableResource):
             handle.truncate()
             handle.write(f"pid {os.getpid()}")
             handle.flush()
+            self.relocate_checkpoints()
             yield
         finally:
             handle.close()
+
+    def relocate_checkpoints(self) -> list[Path]:
+        """Point the checkpoints at this data root if it was moved or copied; return the files changed.
+
+        Spark's file sources log every file they read by absolute URI and replay the last batch's
+        list at restart, so a checkpoint made under another path would fail. The root each run used
+        is kept in `.lakehouse.json`; when it differs, the old root's URI is replaced in the source
+        logs (each file rewritten atomically, the marker updated last, so a crash midway is redone).
+        """
+        marker = self.root / ".lakehouse.json"
+        previous = json.loads(marker.read_text())["root"] if marker.exists() else str(self.root)
+        changed = []
+        if previous != str(self.root):
+            old_uri, new_uri = Path(previous).as_uri(), self.root.as_uri()
+            for log in (self.root / "checkpoints").glob("**/sources/*/*"):
+                if not re.fullmatch(r"\d+(\.compact)?", log.name):
+                    continue
+                text = log.read_text()
+                if old_uri + "/" in text:
+                    tmp = log.with_name(f".{log.name}.relocate")
+                    tmp.write_text(text.replace(old_uri + "/", new_uri + "/"))
+                    os.replace(tmp, log)
+                    # Hadoop's checksum of the old content would reject the new one.
+                    log.with_name(f".{log.name}.crc").unlink(missing_ok=True)
+                    changed.append(log)
+        tmp_marker = marker.with_name(".lakehouse.json.tmp")
+        tmp_marker.write_text(json.dumps({"root": str(self.root)}))
+        os.replace(tmp_marker, marker)
+        return changed
 
 
 def _check_table(name: str) -> None:
