@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResul
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets.streaming import appended_table_result, run_available_now
+from heartbeat_assets.streaming import appended_table_result, run_available_now, start_fresh
 from heartbeat_assets.tables import append_batch
 from resources import LakehouseResource, SparkSessionResource
 
@@ -223,6 +223,7 @@ def bronze_recordings(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ):
     """Ingest new files of landing/recordings into bronze/recordings and bronze/recordings_quarantine."""
+    fresh = start_fresh(context, lakehouse, ["bronze/recordings", "bronze/recordings_quarantine"])
     _rename_unreadable_files(context, lakehouse.recordings_landing)
     recordings_table = lakehouse.table("bronze/recordings")
     quarantine_table = lakehouse.table("bronze/recordings_quarantine")
@@ -251,11 +252,11 @@ def bronze_recordings(
     common = {**report.metadata(), "files_read": report.input_rows}
     yield appended_table_result(
         context, RECORDINGS, recordings_table, elements.select(*RECORDING_COLUMNS),
-        report.count("recordings_written"), common,
+        report.count("recordings_written"), common, fresh=fresh,
     )  # fmt: skip
     yield appended_table_result(
         context, RECORDINGS_QUARANTINE, quarantine_table, elements.select(*QUARANTINE_COLUMNS),
-        report.count("quarantined"), common,
+        report.count("quarantined"), common, fresh=fresh,
     )  # fmt: skip
 
 
@@ -269,6 +270,7 @@ def bronze_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ) -> MaterializeResult:
     """Ingest new files of landing/patients into bronze/patients."""
+    fresh = start_fresh(context, lakehouse, ["bronze/patients"])
     _rename_unreadable_files(context, lakehouse.patients_landing)
     table = lakehouse.table("bronze/patients")
 
@@ -286,5 +288,5 @@ def bronze_patients(
     )
     return appended_table_result(
         context, PATIENTS, table, rows, report.count("rows_written"),
-        {**report.metadata(), "files_read": report.input_rows},
+        {**report.metadata(), "files_read": report.input_rows}, fresh=fresh,
     )  # fmt: skip

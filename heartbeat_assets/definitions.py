@@ -3,7 +3,7 @@
 from dagster import Definitions, in_process_executor, load_assets_from_modules
 
 from heartbeat_assets import bronze, gold, silver
-from heartbeat_assets.jobs import medallion_job
+from heartbeat_assets.jobs import full_refresh_jobs, medallion_job
 from heartbeat_assets.schedules import hourly_medallion_schedule
 from heartbeat_assets.sensors import patients_landing_sensor, recordings_landing_sensor
 from resources import LakehouseResource, SparkSessionResource, resources_from_env
@@ -15,7 +15,7 @@ def build_definitions(lakehouse: LakehouseResource | None = None, spark: SparkSe
     lakehouse = lakehouse or from_env["lakehouse"]
     return Definitions(
         assets=load_assets_from_modules([bronze, silver, gold]),
-        jobs=[medallion_job],
+        jobs=[medallion_job, *full_refresh_jobs],
         sensors=[recordings_landing_sensor, patients_landing_sensor],
         schedules=[hourly_medallion_schedule],
         resources={"lakehouse": lakehouse, "spark": spark or from_env["spark"]},

@@ -15,13 +15,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from dagster import AssetKey, Config, Failure, MaterializeResult, asset
+from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, asset
 from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from heartbeat_assets import silver
-from heartbeat_assets.streaming import column_schema, run_available_now
+from heartbeat_assets.streaming import column_schema, run_available_now, start_fresh
 from heartbeat_assets.tables import read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -131,7 +131,10 @@ class SignalLossConfig(Config):
 class GoldTable:
     """Runs the aggregate of one gold table and rebuilds the table when its inputs changed."""
 
-    def __init__(self, name: str, spark: SparkSession, lakehouse: LakehouseResource):
+    def __init__(
+        self, context: AssetExecutionContext, name: str, spark: SparkSession, lakehouse: LakehouseResource
+    ):
+        self.context = context
         self.name = name
         self.spark = spark
         self.lakehouse = lakehouse
@@ -147,6 +150,7 @@ class GoldTable:
         settings: dict,
         uses_patients: bool,
     ) -> MaterializeResult:
+        start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
         self._check_settings(settings)
         recordings = silver.read_table_stream(
             self.spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
@@ -198,8 +202,8 @@ class GoldTable:
             if before != state:
                 raise Failure(
                     f"{self.name}: the aggregate in {self.checkpoint} was built with {before}, "
-                    f"this run asks for {state}. Delete that checkpoint folder to rebuild the table "
-                    "from silver with the new setting (a full refresh), or run with the old setting."
+                    f"this run asks for {state}. Rebuild gold with the new setting with the "
+                    "`full_refresh_gold` job (a full refresh), or run with the old setting."
                 )
         else:
             self.checkpoint.mkdir(parents=True, exist_ok=True)
@@ -216,9 +220,11 @@ GOLD_DEPS = [silver.RECORDINGS, silver.PATIENTS]
     description="Per known patient: current name, ceil of the mean heart rate, number of recordings.",
     pool="heartbeat_lakehouse",
 )
-def gold_heartrate_by_patient(spark: SparkSessionResource, lakehouse: LakehouseResource) -> MaterializeResult:
+def gold_heartrate_by_patient(
+    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
+) -> MaterializeResult:
     session = spark.spark_session
-    return GoldTable("gold/heartrate_by_patient", session, lakehouse).materialize(
+    return GoldTable(context, "gold/heartrate_by_patient", session, lakehouse).materialize(
         patient_totals,
         "mrn bigint, heartrate_sum decimal(30,6), count bigint",
         lambda totals: heartrate_by_patient(totals, silver.read_patients(session, lakehouse)),
@@ -234,9 +240,11 @@ def gold_heartrate_by_patient(spark: SparkSessionResource, lakehouse: LakehouseR
     description="Per known patient and UTC date: current name, mean heart rate, number of recordings.",
     pool="heartbeat_lakehouse",
 )
-def gold_daily_patient_avg(spark: SparkSessionResource, lakehouse: LakehouseResource) -> MaterializeResult:
+def gold_daily_patient_avg(
+    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
+) -> MaterializeResult:
     session = spark.spark_session
-    return GoldTable("gold/daily_patient_avg", session, lakehouse).materialize(
+    return GoldTable(context, "gold/daily_patient_avg", session, lakehouse).materialize(
         patient_daily_totals,
         "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
         lambda totals: daily_patient_avg(totals, silver.read_patients(session, lakehouse)),
@@ -253,10 +261,13 @@ def gold_daily_patient_avg(spark: SparkSessionResource, lakehouse: LakehouseReso
     pool="heartbeat_lakehouse",
 )
 def gold_device_signal_loss(
-    config: SignalLossConfig, spark: SparkSessionResource, lakehouse: LakehouseResource
+    context: AssetExecutionContext,
+    config: SignalLossConfig,
+    spark: SparkSessionResource,
+    lakehouse: LakehouseResource,
 ) -> MaterializeResult:
     settings = config.model_dump()
-    return GoldTable("gold/device_signal_loss", spark.spark_session, lakehouse).materialize(
+    return GoldTable(context, "gold/device_signal_loss", spark.spark_session, lakehouse).materialize(
         lambda recordings: device_window_counts(recordings, config.window_seconds),
         "device_id int, window_start bigint, readings bigint",
         lambda counts: device_signal_loss(counts, **settings),

@@ -6,7 +6,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze
-from heartbeat_assets.streaming import appended_table_result, column_schema, run_available_now
+from heartbeat_assets.streaming import appended_table_result, column_schema, run_available_now, start_fresh
 from heartbeat_assets.tables import append_batch, data_files, ensure_exists, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -132,6 +132,7 @@ def silver_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ) -> MaterializeResult:
     """Fold new bronze patient rows into the dimension (complete-mode aggregate, replaced atomically)."""
+    start_fresh(context, lakehouse, ["silver/patients"], keep_data=True)
     table = lakehouse.table("silver/patients")
     latest: dict[str, int] = {}
 
@@ -177,6 +178,7 @@ def silver_recordings(
     lakehouse: LakehouseResource,
 ):
     """Validate, deduplicate and enrich new bronze recordings."""
+    fresh = start_fresh(context, lakehouse, ["silver/recordings", "silver/recordings_quarantine"])
     session = spark.spark_session
     recordings_table = lakehouse.table("silver/recordings")
     quarantine_table = lakehouse.table("silver/recordings_quarantine")
@@ -221,9 +223,9 @@ def silver_recordings(
         )
     yield appended_table_result(
         context, RECORDINGS, recordings_table, cleaned.select(*RECORDING_COLUMNS),
-        report.count("recordings_written"), common, partition_by=["date"],
+        report.count("recordings_written"), common, partition_by=["date"], fresh=fresh,
     )  # fmt: skip
     yield appended_table_result(
         context, RECORDINGS_QUARANTINE, quarantine_table, cleaned.select(*QUARANTINE_COLUMNS),
-        report.count("quarantined"), common,
+        report.count("quarantined"), common, fresh=fresh,
     )  # fmt: skip

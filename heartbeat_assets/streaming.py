@@ -6,13 +6,15 @@ the query, waits for it, and sums the query's progress into numbers the Dagster 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetKey, Failure, MaterializeResult, TableColumn, TableSchema
-from pyspark.errors import StreamingQueryException
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import DataFrame
 
 from heartbeat_assets.tables import ensure_exists
@@ -70,21 +72,18 @@ def run_available_now(
             report.counts[key] = report.counts.get(key, 0) + int(value)
 
     started = time.monotonic()
-    query = (
-        df.writeStream.queryName(name.replace("/", "_"))
-        .foreachBatch(on_batch)
-        .outputMode(output_mode)
-        .trigger(availableNow=True)
-        .option("checkpointLocation", str(checkpoint))
-        .start()
-    )
     try:
+        query = (
+            df.writeStream.queryName(name.replace("/", "_"))
+            .foreachBatch(on_batch)
+            .outputMode(output_mode)
+            .trigger(availableNow=True)
+            .option("checkpointLocation", str(checkpoint))
+            .start()
+        )
         query.awaitTermination()
-    except StreamingQueryException as exc:
-        raise Failure(
-            f"The streaming query of {name} failed: {_first_line(exc)}. Checkpoint: {checkpoint}. "
-            "Fix the cause and run again; processing resumes from the last committed micro-batch."
-        ) from exc
+    except (StreamingQueryException, AnalysisException, Py4JJavaError) as exc:
+        raise _query_failure(name, checkpoint, exc) from exc
     report.duration_s = time.monotonic() - started
     for progress in query.recentProgress:
         if progress.batchId not in report.batch_ids:
@@ -97,18 +96,66 @@ def run_available_now(
     return report
 
 
+# Errors Spark raises when a checkpoint was written by a different query (another plan, state schema
+# or set of sources), e.g. after an upgrade of this project.
+CHECKPOINT_MISMATCH = re.compile(
+    r"STATE_STORE|STATEFUL_OPERATOR|state schema|sources in the checkpoint|INCOMPATIBLE|"
+    r"checkpoint location|STREAMING_QUERY_EVOLUTION|metadata file",
+    re.IGNORECASE,
+)
+
+
+def _query_failure(name: str, checkpoint: Path, exc: BaseException) -> Failure:
+    first = _first_line(exc)
+    layer = name.split("/")[0]
+    if CHECKPOINT_MISMATCH.search(str(exc)):
+        return Failure(
+            f"{name}: its checkpoint at {checkpoint} does not match the query any more ({first}). "
+            f"Rebuild the {layer} layer and what depends on it with the `full_refresh_{layer}` job "
+            f"(or delete that checkpoint folder and the table)."
+        )
+    return Failure(
+        f"The streaming query of {name} failed: {first}. Checkpoint: {checkpoint}. "
+        "Fix the cause and run again; processing resumes from the last committed micro-batch."
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def row_count(context: AssetExecutionContext, key: AssetKey, rows_added: int) -> dict[str, int]:
+LAYERS = ("bronze", "silver", "gold")
+#: Run tag of the full-refresh jobs: the layer from which tables are rebuilt from scratch.
+FULL_REFRESH_TAG = "heartbeat/full_refresh"
+
+
+def start_fresh(
+    context: AssetExecutionContext, lakehouse, tables: list[str], keep_data: bool = False
+) -> bool:
+    """Reset `tables` if this run is a full refresh of their layer or one upstream; say whether it did."""
+    layer = context.run.tags.get(FULL_REFRESH_TAG)
+    if layer is None:
+        return False
+    if layer not in LAYERS:
+        raise Failure(f"Run tag {FULL_REFRESH_TAG}={layer!r} is not a layer; use one of {', '.join(LAYERS)}.")
+    if LAYERS.index(tables[0].split("/")[0]) < LAYERS.index(layer):
+        return False
+    for name in tables:
+        lakehouse.reset(name, keep_data=keep_data)
+    context.log.warning(f"Full refresh from {layer}: rebuilding {', '.join(tables)} from scratch.")
+    return True
+
+
+def row_count(
+    context: AssetExecutionContext, key: AssetKey, rows_added: int, fresh: bool = False
+) -> dict[str, int]:
     """`dagster/row_count` of an append-only table: the last materialization's count plus this run's rows.
 
-    Keeps the total without scanning the table.
+    Keeps the total without scanning the table; `fresh` starts it over (after a full refresh).
     """
     previous = 0
-    event = context.instance.get_latest_materialization_event(key)
+    event = None if fresh else context.instance.get_latest_materialization_event(key)
     if event is not None and event.asset_materialization is not None:
         value = event.asset_materialization.metadata.get("dagster/row_count")
         previous = int(value.value) if value is not None else 0
@@ -129,6 +176,7 @@ def appended_table_result(
     rows_added: int,
     metadata: dict,
     partition_by: list[str] | None = None,
+    fresh: bool = False,
 ) -> MaterializeResult:
     """The materialization of an append-only table after its query ran.
 
@@ -138,5 +186,5 @@ def appended_table_result(
     ensure_exists(rows, table, partition_by)
     return MaterializeResult(
         asset_key=key,
-        metadata={**metadata, **row_count(context, key, rows_added), **column_schema(rows)},
+        metadata={**metadata, **row_count(context, key, rows_added, fresh), **column_schema(rows)},
     )

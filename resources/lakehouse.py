@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,6 +130,19 @@ class LakehouseResource(ConfigurableResource):
             yield
         finally:
             handle.close()
+
+    def reset(self, name: str, keep_data: bool = False) -> None:
+        """Forget what table `name` has processed: delete its checkpoint and its files.
+
+        With `keep_data` (tables replaced whole, like gold) the current file stays readable until the
+        rebuild replaces it; only the record of what it was built from goes.
+        """
+        shutil.rmtree(self.checkpoint(name), ignore_errors=True)
+        table = self.table(name)
+        if keep_data:
+            (table / "_lineage.json").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(table, ignore_errors=True)
 
     def relocate_checkpoints(self) -> list[Path]:
         """Point the checkpoints at this data root if it was moved or copied; return the files changed.

@@ -6,7 +6,7 @@ import pytest
 from dagster import DagsterInstance
 
 from heartbeat_assets.definitions import build_definitions
-from resources import LakehouseResource, SparkSessionResource
+from resources import TABLES, LakehouseResource, SparkSessionResource
 from resources.spark import build_spark_session
 
 TEST_SPARK = {"master": "local[2]", "shuffle_partitions": 2, "stop_on_teardown": False}
@@ -33,14 +33,24 @@ class Lakehouse:
         )
         self.instance = DagsterInstance.ephemeral()
 
-    def run(self, run_config: dict | None = None, raise_on_error: bool = True):
-        job = self.defs.resolve_job_def("medallion")
+    def run(self, run_config: dict | None = None, raise_on_error: bool = True, job_name: str = "medallion"):
+        job = self.defs.resolve_job_def(job_name)
         return job.execute_in_process(
             instance=self.instance, run_config=run_config, raise_on_error=raise_on_error
         )
 
     def read(self, name: str) -> list[dict]:
         return [row.asDict() for row in self.spark.read.parquet(str(self.resource.table(name))).collect()]
+
+    def contents(self, ignore: tuple[str, ...] = ()) -> dict[str, list]:
+        """Every table's rows, sorted, without the columns that record when a row was ingested."""
+        out = {}
+        for table in TABLES:
+            df = self.spark.read.parquet(str(self.resource.table(table)))
+            df = df.drop(*[c for c in df.columns if c in ("ingested_at", "source_modified_at", *ignore)])
+            rows = [tuple("NaN" if v != v else v for v in row) for row in df.collect()]  # NaN != NaN
+            out[table] = sorted(rows, key=repr)
+        return out
 
     def materialization_metadata(self, result, table: str) -> dict:
         for event in result.get_asset_materialization_events():
