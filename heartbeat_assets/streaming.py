@@ -17,6 +17,7 @@ from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import DataFrame
 
+from heartbeat_assets.killpoints import kill_point
 from heartbeat_assets.tables import ensure_exists
 
 BatchWriter = Callable[[DataFrame, int], dict[str, int]]
@@ -67,6 +68,7 @@ def run_available_now(
 
     def on_batch(batch_df: DataFrame, batch_id: int) -> None:
         counts = write_batch(batch_df, batch_id)
+        kill_point(f"batch:{name}:written")  # written, but Spark has not committed the batch
         report.batch_ids.append(batch_id)
         for key, value in counts.items():
             report.counts[key] = report.counts.get(key, 0) + int(value)

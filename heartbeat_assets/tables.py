@@ -22,6 +22,8 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql.types import DateType
 
+from heartbeat_assets.killpoints import kill_point
+
 TABLE_FILE = "part-00000.parquet"
 LINEAGE_FILE = "_lineage.json"
 
@@ -63,19 +65,21 @@ def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[s
 
     Safe to call again for the same batch id: the earlier attempt's files are replaced.
     """
+    name = _name(table)
     staging = _stage(df, table, f"batch-{batch_id}", partition_by, single_file=False)
     rows = _staged_rows(df, staging)
+    kill_point(f"append:{name}:staged")
     prefix = f"part-b{batch_id:012d}-"
     for old in data_files(table):
         if old.name.startswith(prefix):
             old.unlink()
     if rows:
-        # Numbered across partition folders: names stay unique within the table, which the
-        # downstream file sources rely on (they remember files by name).
+        # Numbered across partition folders: names stay unique within the table.
         for n, source in enumerate(data_files(staging)):
             target = table / source.parent.relative_to(staging) / f"{prefix}{n:05d}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
+            kill_point(f"append:{name}:moving")
         _remove_empty_placeholder(table)
     shutil.rmtree(staging, ignore_errors=True)
     return rows
@@ -124,11 +128,17 @@ def replace_table(df: DataFrame, table: Path, lineage: dict) -> int:
     staging = _stage(df, table, "replace", None, single_file=True)
     rows = _staged_rows(df, staging)
     (staged_file,) = data_files(staging)
+    kill_point(f"replace:{_name(table)}:staged")
     os.replace(staged_file, table / TABLE_FILE)
+    kill_point(f"replace:{_name(table)}:renamed")
     shutil.rmtree(staging, ignore_errors=True)
     _remove_empty_placeholder(table)
     _write_json_atomically(table / LINEAGE_FILE, {**lineage, "rows": rows})
     return rows
+
+
+def _name(table: Path) -> str:
+    return f"{table.parent.name}/{table.name}"
 
 
 def read_lineage(table: Path) -> dict | None:

@@ -1,0 +1,139 @@
+"""Crash recovery: a run is SIGKILLed (with its JVM) at chosen points, then run again.
+
+Every table must then equal the tables of an uninterrupted run on the same input: no duplicate, no
+loss. Readers that ignore Spark (pyarrow over the folders) must see what Spark sees.
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from heartbeat_assets.killpoints import KILL_AT_ENV
+from heartbeat_assets.simulator import Faults, Simulator
+from resources import TABLES
+from tests.conftest import Lakehouse
+
+PROJECT = Path(__file__).resolve().parent.parent
+FAULTS = Faults(
+    malformed=0.03, invalid_heartrate=0.03, duplicates=0.05, late=0.05, array_files=0.3, signal_gaps=0.3
+)
+# Columns that differ between two runs of the same input by design.
+VOLATILE = ("ingested_at", "source_modified_at")
+
+CHILD = """
+import sys
+from dagster import DagsterInstance
+from heartbeat_assets.definitions import build_definitions
+from resources import LakehouseResource, SparkSessionResource
+
+lakehouse = LakehouseResource(data_dir=sys.argv[1])
+spark = SparkSessionResource(lakehouse=lakehouse, master="local[2]", shuffle_partitions=2)
+job = build_definitions(lakehouse=lakehouse, spark=spark).resolve_job_def("medallion")
+result = job.execute_in_process(instance=DagsterInstance.ephemeral(), raise_on_error=False)
+sys.exit(0 if result.success else 1)
+"""
+
+
+def land_wave(root: Path, wave: int) -> None:
+    sim = Simulator(root, seed=21, patients=4, devices=4)
+    if wave == 0:
+        sim.land_patients(only=[0, 1, 2])
+    else:
+        sim.land_patients("update.csv", renames={1: "Renamed"})
+    sim.land_recordings(files=3, records=90, faults=FAULTS, wave=wave)
+
+
+def killed_run(root: Path, point: str) -> None:
+    """Run the medallion job in a child process that kills itself (and its JVM) at `point`."""
+    env = {**os.environ, KILL_AT_ENV: point}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root)],
+        cwd=PROJECT, env=env, start_new_session=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, f"never reached {point}: {done.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, spark):
+    """Wave 0 processed and wave 1 landed (the start of every crash), and the uninterrupted result."""
+    base = tmp_path_factory.mktemp("crash-base") / "data"
+    first = Lakehouse(base, spark)
+    land_wave(base, 0)
+    first.run()
+    land_wave(base, 1)
+    reference_root = tmp_path_factory.mktemp("crash-reference") / "data"
+    shutil.copytree(base, reference_root, symlinks=True)
+    reference = Lakehouse(reference_root, spark)
+    reference.run()
+    return base, reference.contents(VOLATILE)
+
+
+def crash_and_recover(prepared, tmp_path, spark, point: str) -> None:
+    base, expected = prepared
+    root = tmp_path / "data"
+    shutil.copytree(base, root, symlinks=True)
+    killed_run(root, point)
+    lakehouse = Lakehouse(root, spark)
+    assert_plain_readers_agree_with_spark(lakehouse)
+    lakehouse.run()
+    assert lakehouse.contents(VOLATILE) == expected
+    assert_plain_readers_agree_with_spark(lakehouse)
+
+
+def assert_plain_readers_agree_with_spark(lakehouse: Lakehouse) -> None:
+    """pyarrow reads the folders with no knowledge of Spark: it must see the same rows."""
+    for table in TABLES:
+        path = lakehouse.resource.table(table)
+        if not path.exists():
+            continue
+        partitioning = "hive" if table == "silver/recordings" else None
+        arrow_rows = ds.dataset(str(path), format="parquet", partitioning=partitioning).count_rows()
+        assert arrow_rows == lakehouse.spark.read.parquet(str(path)).count(), table
+
+
+# One point per kind of moment the recovery must handle; the randomized test covers the rest.
+CRASH_POINTS = [
+    "append:bronze/recordings:staged",  # while bronze writes a micro-batch
+    "batch:bronze/recordings:written",  # after a batch's files are written, before Spark commits it
+    "append:silver/recordings:moving",  # while silver moves a batch's files into place
+    "replace:gold/heartrate_by_patient:staged",  # while gold replaces its table
+]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_at_point_then_rerun_equals_uninterrupted(prepared, tmp_path, spark, point):
+    crash_and_recover(prepared, tmp_path, spark, point)
+
+
+def reachable_points() -> list[str]:
+    """Every kill point a medallion run passes: appends in bronze and silver, replaces in silver/patients
+    and gold, and the end of every query's micro-batch."""
+    points = [f"batch:{table}:written" for table in TABLES if table != "bronze/recordings_quarantine"]
+    points.remove("batch:silver/recordings_quarantine:written")
+    for table in TABLES:
+        if table.startswith("gold/") or table == "silver/patients":
+            points += [f"replace:{table}:staged", f"replace:{table}:renamed"]
+        else:
+            points += [f"append:{table}:staged", f"append:{table}:moving"]
+    return points
+
+
+@pytest.mark.slow
+def test_crash_at_random_points(prepared, tmp_path, spark):
+    """More points, drawn at random: HEARTBEAT_CRASH_SAMPLES of them (default 1), seeded by
+    HEARTBEAT_CRASH_SEED (default: a new seed each run, printed on failure)."""
+    seed = int(os.environ.get("HEARTBEAT_CRASH_SEED") or random.randrange(1_000_000))
+    rng = random.Random(seed)
+    points = rng.sample(reachable_points(), int(os.environ.get("HEARTBEAT_CRASH_SAMPLES", "1")))
+    for n, point in enumerate(points):
+        try:
+            crash_and_recover(prepared, tmp_path / str(n), spark, point)
+        except AssertionError as exc:
+            raise AssertionError(f"crash at {point} (HEARTBEAT_CRASH_SEED={seed}): {exc}") from exc
