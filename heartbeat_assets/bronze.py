@@ -1,7 +1,12 @@
 """Bronze: every landed recording and patient row as received, and every unreadable element kept aside."""
 
+import gzip
+import hashlib
 import os
 import re
+import time
+import zlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, asset, multi_asset
@@ -9,7 +14,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets.streaming import appended_table_result, run_available_now, start_fresh
-from heartbeat_assets.tables import append_batch
+from heartbeat_assets.tables import append_batch, append_rows
 from resources import LakehouseResource, SparkSessionResource
 
 RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
@@ -21,6 +26,10 @@ PATIENTS_GLOB = "*.csv"
 # Characters Spark's file source cannot read in a file name: glob characters make it read other
 # files of the folder a second time, and ':' fails the query.
 UNREADABLE_NAME_CHARS = re.compile(r"[\[\]{}*?\\:]")
+
+# Standard JSON: Spark would also take 'single quoted' strings. NaN and Infinity stay readable (the
+# simulator's and many devices' encoders write them); silver rejects them as heart rates.
+STRICT_JSON = {"allowSingleQuotes": "false"}
 
 #: Columns of bronze/recordings (besides the recording fields).
 LINEAGE = ["source_file", "source_line", "source_element", "source_modified_at", "ingested_at"]
@@ -39,6 +48,9 @@ def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
         # Spark forgets files older than maxFileAge relative to the newest one; a file renamed in
         # keeps its old modification time, so it would be skipped. Remember every file.
         .option("maxFileAge", "36500d")
+        # Corrupt .gz files are moved aside before the query (reject_corrupt_gzip); one that lands
+        # while it runs is skipped here rather than failing the run, and rejected by the next run.
+        .option("ignoreCorruptFiles", True)
         .load(str(folder))
         .select(
             "value",
@@ -46,6 +58,52 @@ def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
             F.col("_metadata.file_modification_time").alias("source_modified_at"),
         )
     )
+
+
+REJECTED_FOLDER = "_rejected"
+
+
+def reject_corrupt_gzip(folder: Path, mark_file: Path) -> list[Path]:
+    """Move landed `.gz` files that do not decompress to `<folder>/_rejected/`; return their new paths.
+
+    Only files changed since the last check are read (a change-time mark in `mark_file`).
+    """
+    mark = int(mark_file.read_text()) if mark_file.exists() else -1
+    started = time.time_ns()
+    rejected = []
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if not (entry.is_file() and entry.name.endswith(".gz") and not entry.name.startswith((".", "_"))):
+                continue
+            if entry.stat().st_ctime_ns <= mark:
+                continue
+            try:
+                with gzip.open(entry.path) as stream:
+                    while stream.read(1 << 20):
+                        pass
+            except (OSError, EOFError, zlib.error):
+                target = folder / REJECTED_FOLDER / entry.name
+                target.parent.mkdir(exist_ok=True)
+                os.replace(entry.path, target)
+                rejected.append(target)
+    mark_file.parent.mkdir(parents=True, exist_ok=True)
+    # Files renamed in while the folder was read have a change time after `started` (less a margin
+    # for coarse file system clocks): the next check reads them.
+    mark_file.write_text(str(started - 1_000_000_000))
+    return rejected
+
+
+def rejected_file_rows(spark: SparkSession, files: list[Path]) -> DataFrame:
+    """One bronze quarantine row per rejected file."""
+    rows = [
+        (None, "corrupt_gzip", path.as_uri(), None, None, datetime.fromtimestamp(path.stat().st_mtime, UTC))
+        for path in files
+    ]
+    schema = (
+        "raw string, reason string, source_file string, source_line int, source_element int, "
+        "source_modified_at timestamp"
+    )
+    return spark.createDataFrame(rows, schema).withColumn("ingested_at", F.current_timestamp())
 
 
 def rename_unreadable_files(folder: Path) -> list[tuple[str, str]]:
@@ -94,8 +152,8 @@ def parse_recordings(files: DataFrame) -> DataFrame:
     first_line = F.regexp_extract("value", r"^\s*([^\n]*)", 1)
     whole_file_array = (
         F.col("value").rlike(r"^\s*\[")
-        & F.from_json(first_line, "array<string>").isNull()
-        & F.from_json("value", "array<string>").isNotNull()
+        & F.from_json(first_line, "array<string>", STRICT_JSON).isNull()
+        & F.from_json("value", "array<string>", STRICT_JSON).isNotNull()
     )
     documents = (
         files.select(
@@ -108,7 +166,7 @@ def parse_recordings(files: DataFrame) -> DataFrame:
         .select("document", (F.col("pos") + 1).alias("source_line"), "source_file", "source_modified_at")
     )
     is_array = F.col("document").rlike(r"^\s*\[")
-    array = F.from_json("document", "array<string>")
+    array = F.from_json("document", "array<string>", STRICT_JSON)
     elements = documents.select(
         "*",
         (is_array & array.isNull()).alias("_malformed_array"),
@@ -116,7 +174,7 @@ def parse_recordings(files: DataFrame) -> DataFrame:
             "_index", "raw"
         ),
     ).select(
-        "raw",
+        F.coalesce("raw", F.lit("null")).alias("raw"),  # a JSON null element reads as a SQL NULL
         "source_file",
         "source_line",
         F.when(is_array & ~F.col("_malformed_array"), F.col("_index") + 1)
@@ -129,10 +187,10 @@ def parse_recordings(files: DataFrame) -> DataFrame:
     typed = F.from_json(
         "raw",
         f"{RECORDING_SCHEMA}, _corrupt string",
-        {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt"},
+        {**STRICT_JSON, "mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt"},
     )
-    as_text = F.from_json("raw", ", ".join(f"{name} string" for name in RECORDING_FIELDS))
-    as_object = F.from_json("raw", "map<string, variant>")
+    as_text = F.from_json("raw", ", ".join(f"{name} string" for name in RECORDING_FIELDS), STRICT_JSON)
+    as_object = F.from_json("raw", "map<string, variant>", STRICT_JSON)
     parsed = elements.select("*", typed.alias("_t"), as_text.alias("_s"), as_object.alias("_o"))
 
     field_problems = [_field_problem(name) for name in RECORDING_FIELDS]
@@ -227,6 +285,17 @@ def bronze_recordings(
     _rename_unreadable_files(context, lakehouse.recordings_landing)
     recordings_table = lakehouse.table("bronze/recordings")
     quarantine_table = lakehouse.table("bronze/recordings_quarantine")
+    rejected = reject_corrupt_gzip(
+        lakehouse.recordings_landing, lakehouse.checkpoint("bronze/recordings") / "_gzip_checked_ctime_ns"
+    )
+    for path in rejected:
+        context.log.warning(f"{path.name} is not a valid gzip file; moved to {path.parent}.")
+    if fresh:  # the rebuilt quarantine needs the files rejected before, too
+        rejected = sorted((lakehouse.recordings_landing / REJECTED_FOLDER).glob("*"))
+    for path in rejected:
+        # Keyed by file: recorded once, however often this is retried.
+        key = "r" + hashlib.sha1(path.name.encode()).hexdigest()[:16]
+        append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
     def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
         elements = parse_recordings(files).withColumn("ingested_at", F.current_timestamp()).persist()
@@ -249,14 +318,14 @@ def bronze_recordings(
         checkpoint=lakehouse.checkpoint("bronze/recordings"),
         write_batch=write_batch,
     )
-    common = {**report.metadata(), "files_read": report.input_rows}
+    common = {**report.metadata(), "files_read": report.input_rows, "files_rejected": len(rejected)}
     yield appended_table_result(
         context, RECORDINGS, recordings_table, elements.select(*RECORDING_COLUMNS),
         report.count("recordings_written"), common, fresh=fresh,
     )  # fmt: skip
     yield appended_table_result(
         context, RECORDINGS_QUARANTINE, quarantine_table, elements.select(*QUARANTINE_COLUMNS),
-        report.count("quarantined"), common, fresh=fresh,
+        report.count("quarantined") + len(rejected), common, fresh=fresh,
     )  # fmt: skip
 
 

@@ -65,11 +65,16 @@ def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[s
 
     Safe to call again for the same batch id: the earlier attempt's files are replaced.
     """
+    return append_rows(df, table, f"b{batch_id:012d}", partition_by)
+
+
+def append_rows(df: DataFrame, table: Path, key: str, partition_by: list[str] | None = None) -> int:
+    """Append `df` to `table` under `key`, replacing whatever an earlier call with that key wrote."""
     name = _name(table)
-    staging = _stage(df, table, f"batch-{batch_id}", partition_by, single_file=False)
+    staging = _stage(df, table, f"rows-{key}", partition_by, single_file=False)
     rows = _staged_rows(df, staging)
     kill_point(f"append:{name}:staged")
-    prefix = f"part-b{batch_id:012d}-"
+    prefix = f"part-{key}-"
     for old in data_files(table):
         if old.name.startswith(prefix):
             old.unlink()

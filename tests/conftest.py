@@ -1,14 +1,21 @@
 """One SparkSession for the whole test session, and helpers to run the lakehouse through Dagster."""
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
+from hypothesis import settings
 
 from heartbeat_assets.definitions import build_definitions
 from resources import TABLES, LakehouseResource, SparkSessionResource
 from resources.spark import build_spark_session
+
+# Fuzz tests run 25 examples; HYPOTHESIS_PROFILE=thorough runs 300.
+settings.register_profile("default", max_examples=25)
+settings.register_profile("thorough", max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TEST_SPARK = {"master": "local[2]", "shuffle_partitions": 2, "stop_on_teardown": False}
 

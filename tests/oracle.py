@@ -18,6 +18,7 @@ from pathlib import Path
 INT_RANGE = (-(2**31), 2**31 - 1)
 LONG_RANGE = (-(2**63), 2**63 - 1)
 MIN_TIME = 946_684_800.0
+BLANK = " \t\n\x0b\f\r"  # a blank line holds only these (ASCII whitespace)
 MAX_SKEW = 86_400.0
 
 
@@ -48,10 +49,10 @@ def _elements(data: bytes) -> list[tuple[str, object]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    first_line = text.lstrip().split("\n", 1)[0] if text is not None else ""
+    first_line = text.lstrip(BLANK).split("\n", 1)[0] if text is not None else ""
     if (
         text is not None
-        and text.lstrip().startswith("[")
+        and text.lstrip(BLANK).startswith("[")
         and not isinstance(_loads(first_line), list)
         and _loads(text) is not None
     ):
@@ -59,13 +60,13 @@ def _elements(data: bytes) -> list[tuple[str, object]]:
     else:
         documents = []
         for raw_line in data.split(b"\n"):
-            line = raw_line.rstrip(b"\r")
+            line = raw_line[:-1] if raw_line.endswith(b"\r") else raw_line
             try:
                 decoded = line.decode("utf-8")
             except UnicodeDecodeError:
                 documents.append(None)  # not UTF-8
                 continue
-            if decoded.strip():
+            if decoded.strip(BLANK):
                 documents.append(decoded)
     out = []
     for document in documents:
@@ -73,9 +74,9 @@ def _elements(data: bytes) -> list[tuple[str, object]]:
             out.append(("bad", "not_utf8"))
             continue
         value = _loads(document)
-        if document.lstrip().startswith("[") and isinstance(value, list):
+        if document.lstrip(BLANK).startswith("[") and isinstance(value, list):
             out.extend(_classify(item if isinstance(item, dict) else _reparse(item)) for item in value)
-        elif value is None or document.lstrip().startswith("["):
+        elif value is None or document.lstrip(BLANK).startswith("["):
             out.append(("bad", document))
         else:
             out.append(_classify(value))
@@ -85,7 +86,7 @@ def _elements(data: bytes) -> list[tuple[str, object]]:
 def _loads(text: str):
     """The first JSON value in `text` (what follows it is ignored, as Spark's JSON reader does)."""
     try:
-        return json.JSONDecoder().raw_decode(text.lstrip())[0]
+        return json.JSONDecoder().raw_decode(text.lstrip(BLANK))[0]
     except ValueError:
         return None
 
@@ -152,6 +153,10 @@ def compute(data_dir: Path) -> Expected:
                     "time": t,
                     "heartrate": hr,
                 }
+    rejected = data_dir / "landing" / "recordings" / "_rejected"
+    for _ in rejected.iterdir() if rejected.is_dir() else []:
+        exp.elements += 1  # a .gz file that does not decompress: one quarantine row
+        exp.bronze_bad += 1
     exp.patients = current_patients(data_dir)
     return exp
 
