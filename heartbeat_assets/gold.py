@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, asset
+from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -120,6 +120,15 @@ def device_signal_loss(
     )
 
 
+def markdown_preview(table: DataFrame, rows: int = 10) -> str:
+    """The first rows of a (small, gold) table as a Markdown table."""
+    columns = table.columns
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table.orderBy(*columns[:2]).limit(rows).collect():
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
 class SignalLossConfig(Config):
     window_seconds: int = Field(default=60, description="Length of the tumbling event-time window.")
     min_readings: int = Field(default=30, description="A window with fewer readings raises an alert.")
@@ -178,6 +187,8 @@ class GoldTable:
             metadata["dagster/row_count"] = previous["rows"]
         else:
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
+        if self.lakehouse.table_previews:
+            metadata["preview"] = MetadataValue.md(markdown_preview(self.spark.read.parquet(str(self.table))))
         return MaterializeResult(metadata=metadata)
 
     def _write_snapshot(self, aggregated: DataFrame, batch_id: int) -> dict[str, int]:

@@ -15,8 +15,13 @@ def resources_from_env(environ=os.environ) -> dict:
     - `HEARTBEAT_DATA_DIR`: the data root (default: the project's `data/`).
     - `HEARTBEAT_SPARK_MASTER`: Spark master URL (default `local[*]`), e.g. `spark://host:7077`.
     - `HEARTBEAT_SPARK_CONF`: a JSON object of extra `spark.*` settings.
+    - `HEARTBEAT_TABLE_PREVIEWS`: `0` keeps rows of gold tables (patient names) out of Dagster.
     """
-    lakehouse = LakehouseResource(data_dir=environ.get("HEARTBEAT_DATA_DIR") or default_data_dir())
+    lakehouse = LakehouseResource(
+        data_dir=environ.get("HEARTBEAT_DATA_DIR") or default_data_dir(),
+        table_previews=environ.get("HEARTBEAT_TABLE_PREVIEWS", "1").strip().lower()
+        not in ("0", "false", "no"),
+    )
     spark_options = {}
     if environ.get("HEARTBEAT_SPARK_MASTER"):
         spark_options["master"] = environ["HEARTBEAT_SPARK_MASTER"]

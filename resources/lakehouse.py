@@ -57,6 +57,12 @@ class LakehouseResource(ConfigurableResource):
         description="Root folder of the lakehouse; defaults to $HEARTBEAT_DATA_DIR or the project's data/.",
     )
 
+    table_previews: bool = Field(
+        default=True,
+        description="Show the first rows of gold tables in Dagster's metadata. They hold patient names: "
+        "turn off where the Dagster UI must not show them.",
+    )
+
     @property
     def root(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()

@@ -32,10 +32,10 @@ def spark():
 class Lakehouse:
     """A lakehouse in a temporary data root, driven through Dagster like a user would."""
 
-    def __init__(self, root: Path, spark):
+    def __init__(self, root: Path, spark, resource: LakehouseResource | None = None):
         self.root = root
         self.spark = spark
-        self.resource = LakehouseResource(data_dir=str(root))
+        self.resource = resource or LakehouseResource(data_dir=str(root))
         self.defs = build_definitions(
             lakehouse=self.resource, spark=SparkSessionResource(lakehouse=self.resource, **TEST_SPARK)
         )
