@@ -44,9 +44,24 @@ def two_waves(lakehouse):
     lakehouse.run()
 
 
+@pytest.fixture(scope="module")
+def two_waves_root(tmp_path_factory, spark):
+    root = tmp_path_factory.mktemp("two-waves") / "data"
+    two_waves(Lakehouse(root, spark))
+    return root
+
+
+@pytest.fixture
+def after_two_waves(two_waves_root, tmp_path, spark) -> Lakehouse:
+    """A lakehouse that has processed two waves (a copy, so each test may change it)."""
+    root = tmp_path / "data"
+    shutil.copytree(two_waves_root, root)
+    return Lakehouse(root, spark)
+
+
 @pytest.mark.parametrize("layer", ["silver", "bronze"])
-def test_full_refresh_rebuilds_the_same_tables(lakehouse, layer):
-    two_waves(lakehouse)
+def test_full_refresh_rebuilds_the_same_tables(after_two_waves, layer):
+    lakehouse = after_two_waves
     # silver/recordings.patient_name is the name known when a row was processed: a rebuild takes
     # today's names. And of duplicates that meet in one micro-batch, which delivery's source_file
     # is kept is not specified. Everything else comes out the same.
@@ -71,8 +86,8 @@ def _bronze(contents: dict) -> dict:
     return {table: rows for table, rows in contents.items() if table.startswith("bronze/")}
 
 
-def test_checkpoint_of_another_query_fails_with_the_remedy(lakehouse):
-    two_waves(lakehouse)
+def test_checkpoint_of_another_query_fails_with_the_remedy(after_two_waves):
+    lakehouse = after_two_waves
     checkpoints = lakehouse.root / "checkpoints" / "gold"
     # The checkpoint of another aggregate stands in for one written by an older version of the query.
     shutil.rmtree(checkpoints / "heartrate_by_patient")
@@ -88,8 +103,8 @@ def test_checkpoint_of_another_query_fails_with_the_remedy(lakehouse):
     assert_gold_matches_oracle(lakehouse)
 
 
-def test_new_signal_loss_window_through_a_gold_refresh(lakehouse):
-    two_waves(lakehouse)
+def test_new_signal_loss_window_through_a_gold_refresh(after_two_waves):
+    lakehouse = after_two_waves
     config = {"ops": {"gold__device_signal_loss": {"config": {"window_seconds": 30, "min_readings": 10}}}}
     assert not lakehouse.run(config, raise_on_error=False).success
     lakehouse.run(config, job_name="full_refresh_gold")

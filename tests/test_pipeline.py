@@ -3,8 +3,6 @@
 import gzip
 import math
 
-import pytest
-
 from heartbeat_assets import tables
 from heartbeat_assets.simulator import Faults, Simulator, land_file
 from resources import TABLES
@@ -202,22 +200,18 @@ def test_rerun_after_a_failed_run_neither_duplicates_nor_loses(lakehouse, monkey
     assert_silver_matches_oracle(lakehouse, expected)
 
 
-@pytest.mark.parametrize("when", ["first", "later"])
-def test_signal_loss_settings_change_requires_full_refresh(lakehouse, when):
+def test_signal_loss_settings_are_run_config(lakehouse):
     sim = Simulator(lakehouse.root, seed=1, patients=2, devices=2)
     sim.land_patients()
-    sim.land_recordings(files=2, records=120)
+    sim.land_recordings(files=2, records=120, faults=Faults(signal_gaps=1.0))
     config = {"ops": {"gold__device_signal_loss": {"config": {"window_seconds": 30, "min_readings": 20}}}}
-    if when == "first":
-        lakehouse.run(config)
-        rows = lakehouse.read("gold/device_signal_loss")
-        assert all((r["window_end"] - r["window_start"]).total_seconds() == 30 for r in rows)
-    else:
-        lakehouse.run()
-        result = lakehouse.run(config, raise_on_error=False)
-        assert not result.success
-        failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
-        assert "full refresh" in failure.event_specific_data.error.message
+    lakehouse.run(config)
+    rows = lakehouse.read("gold/device_signal_loss")
+    assert rows and all((r["window_end"] - r["window_start"]).total_seconds() == 30 for r in rows)
+    expected = oracle.compute(lakehouse.root)
+    assert {
+        (r["device_id"], int(r["window_start"].timestamp()), r["readings"]) for r in rows
+    } == oracle.device_signal_loss(expected, window=30, min_readings=20)
 
 
 def test_recording_dates_are_utc(lakehouse):
