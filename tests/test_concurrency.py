@@ -26,22 +26,34 @@ def dagster_home(tmp_path: Path) -> Path:
 
 
 def test_two_materializations_started_by_hand(tmp_path, spark):
+    """`dagster asset materialize -m heartbeat_assets --select '*'` from the project root, twice at once."""
     data = tmp_path / "data"
     sim = Simulator(data, seed=2, patients=3, devices=3)
     sim.land_patients()
     sim.land_recordings(files=3, records=100)
     env = {**os.environ, "HEARTBEAT_DATA_DIR": str(data), "DAGSTER_HOME": str(dagster_home(tmp_path))}
     command = [str(BIN / "dagster"), "asset", "materialize", "-m", "heartbeat_assets", "--select", "*"]
-    runs = [
-        subprocess.Popen(
+
+    def start():
+        return subprocess.Popen(
             command, cwd=PROJECT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
-        for _ in range(2)
-    ]
-    outcomes = sorted((run.wait(timeout=600), run.stderr.read()) for run in runs)
-    (ok, _), (failed, message) = outcomes
-    assert ok == 0 and failed != 0
+
+    first = start()
+    lock = data / ".lakehouse.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip() == f"pid {first.pid}"):
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+        time.sleep(0.2)
+    second = start()  # while the first run holds the lock
+    assert second.wait(timeout=300) != 0
+    message = second.stderr.read()
     assert "is in use by pid" in message and "wait for that run to finish" in message
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    assert "RUN_SUCCESS" in first.stderr.read()
+    assert list((tmp_path / "dagster_home").glob("history/runs/*.db")), (
+        "the run is in DAGSTER_HOME's instance"
+    )
 
     lakehouse = Lakehouse(data, spark)
     expected = assert_gold_matches_oracle(lakehouse)
