@@ -9,10 +9,11 @@ import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, AssetSpec, MaterializeResult, asset, multi_asset
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, asset, multi_asset
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from heartbeat_assets import checks
 from heartbeat_assets.streaming import appended_table_result, run_available_now, start_fresh
 from heartbeat_assets.tables import append_batch, append_rows
 from resources import LakehouseResource, SparkSessionResource
@@ -275,6 +276,12 @@ PATIENTS = AssetKey(["bronze", "patients"])
             group_name="bronze",
         ),
     ],
+    check_specs=[
+        checks.schema_spec("bronze/recordings"),
+        checks.accounting_spec("bronze/recordings"),
+        checks.schema_spec("bronze/recordings_quarantine"),
+        checks.quarantine_rate_spec("bronze/recordings_quarantine"),
+    ],
     pool="heartbeat_lakehouse",
 )
 def bronze_recordings(
@@ -297,11 +304,18 @@ def bronze_recordings(
         key = "r" + hashlib.sha1(path.name.encode()).hexdigest()[:16]
         append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
+    latest_landing: dict[str, float] = {}
+
     def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
         elements = parse_recordings(files).withColumn("ingested_at", F.current_timestamp()).persist()
         try:
             good = elements.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
             bad = elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
+            newest = elements.agg(F.max("source_modified_at")).first()[0]
+            if newest is not None:
+                latest_landing["newest_file_modified_at"] = max(
+                    newest.timestamp(), latest_landing.get("newest_file_modified_at", 0.0)
+                )
             return {
                 "elements_read": elements.count(),
                 "recordings_written": append_batch(good, recordings_table, batch_id),
@@ -318,7 +332,12 @@ def bronze_recordings(
         checkpoint=lakehouse.checkpoint("bronze/recordings"),
         write_batch=write_batch,
     )
-    common = {**report.metadata(), "files_read": report.input_rows, "files_rejected": len(rejected)}
+    common = {
+        **report.metadata(),
+        "files_read": report.input_rows,
+        "files_rejected": len(rejected),
+        **latest_landing,
+    }
     yield appended_table_result(
         context, RECORDINGS, recordings_table, elements.select(*RECORDING_COLUMNS),
         report.count("recordings_written"), common, fresh=fresh,
@@ -327,17 +346,27 @@ def bronze_recordings(
         context, RECORDINGS_QUARANTINE, quarantine_table, elements.select(*QUARANTINE_COLUMNS),
         report.count("quarantined") + len(rejected), common, fresh=fresh,
     )  # fmt: skip
+    read, written = report.count("elements_read"), report.count("recordings_written")
+    quarantined = report.count("quarantined")
+    yield checks.schema_check("bronze/recordings", elements.select(*RECORDING_COLUMNS))
+    yield checks.accounting_check("bronze/recordings", read, {"written": written, "quarantined": quarantined})
+    yield checks.schema_check("bronze/recordings_quarantine", elements.select(*QUARANTINE_COLUMNS))
+    yield checks.quarantine_rate_check(
+        "bronze/recordings_quarantine", quarantined + len(rejected), read + len(rejected),
+        lakehouse.quarantine_warn_rate, lakehouse.quarantine_error_rate,
+    )  # fmt: skip
 
 
 @asset(
     key=PATIENTS,
     group_name="bronze",
     description="Patient rows as received from landing/patients, with source file, line and ingestion time.",
+    check_specs=[checks.schema_spec("bronze/patients")],
     pool="heartbeat_lakehouse",
 )
 def bronze_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
-) -> MaterializeResult:
+):
     """Ingest new files of landing/patients into bronze/patients."""
     fresh = start_fresh(context, lakehouse, ["bronze/patients"])
     _rename_unreadable_files(context, lakehouse.patients_landing)
@@ -355,7 +384,8 @@ def bronze_patients(
         checkpoint=lakehouse.checkpoint("bronze/patients"),
         write_batch=write_batch,
     )
-    return appended_table_result(
+    yield appended_table_result(
         context, PATIENTS, table, rows, report.count("rows_written"),
         {**report.metadata(), "files_read": report.input_rows}, fresh=fresh,
     )  # fmt: skip
+    yield checks.schema_check("bronze/patients", rows)

@@ -12,17 +12,30 @@ which recordings arrived.
 
 import json
 import shutil
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    Failure,
+    FreshnessPolicy,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from heartbeat_assets import silver
+from heartbeat_assets import bronze, checks, silver
 from heartbeat_assets.streaming import column_schema, run_available_now, start_fresh
-from heartbeat_assets.tables import read_lineage, replace_table
+from heartbeat_assets.tables import data_files, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
 SILVER_RECORDINGS_SCHEMA = (
@@ -158,7 +171,8 @@ class GoldTable:
         build: Callable[[DataFrame], DataFrame],
         settings: dict,
         uses_patients: bool,
-    ) -> MaterializeResult:
+    ) -> list:
+        """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks."""
         start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
         self._check_settings(settings)
         recordings = silver.read_table_stream(
@@ -177,19 +191,64 @@ class GoldTable:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
         unchanged = previous is not None and previous.get("inputs") == inputs
-        if snapshot is not None and not unchanged:
+        if snapshot is not None:
             aggregated = self.spark.read.parquet(str(snapshot))
         else:
             aggregated = self.spark.createDataFrame([], aggregate_schema)
         table = build(aggregated)
         metadata = {**report.metadata(), **column_schema(table), "table_rebuilt": not unchanged}
+        new_alerts: list[tuple] = []
         if unchanged:
             metadata["dagster/row_count"] = previous["rows"]
         else:
+            if self.name == "gold/device_signal_loss":
+                new_alerts = self._rows_not_in_current_table(table)
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
+            metadata.update(self._landing_latency())
+        written = self.spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
-            metadata["preview"] = MetadataValue.md(markdown_preview(self.spark.read.parquet(str(self.table))))
-        return MaterializeResult(metadata=metadata)
+            metadata["preview"] = MetadataValue.md(markdown_preview(written))
+        results = [MaterializeResult(metadata=metadata), checks.schema_check(self.name, written)]
+        if uses_patients:
+            results.append(self._counts_check(written, aggregated))
+        if self.name == "gold/device_signal_loss":
+            results.append(
+                AssetCheckResult(
+                    check_name="no_new_lost_signal",
+                    passed=not new_alerts,
+                    severity=AssetCheckSeverity.WARN,
+                    metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
+                )
+            )
+        return results
+
+    def _landing_latency(self) -> dict[str, float]:
+        """Seconds from the newest recording file landing (as bronze last saw it) to this table."""
+        event = self.context.instance.get_latest_materialization_event(bronze.RECORDINGS)
+        landed = event.asset_materialization.metadata.get("newest_file_modified_at") if event else None
+        return {"landing_to_gold_latency_s": round(time.time() - landed.value, 3)} if landed else {}
+
+    def _rows_not_in_current_table(self, table: DataFrame) -> list[tuple]:
+        """Rows of the rebuilt table that the current version lacks (read before it is replaced)."""
+        if not data_files(self.table):
+            return [tuple(row) for row in table.collect()]
+        current = self.spark.read.parquet(str(self.table))
+        return [tuple(row) for row in table.exceptAll(current).orderBy("device_id", "window_start").collect()]
+
+    def _counts_check(self, written: DataFrame, aggregated: DataFrame) -> AssetCheckResult:
+        """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
+        patients = silver.read_patients(self.spark, self.lakehouse).select("mrn")
+        in_gold = written.agg(F.sum("count")).first()[0] or 0
+        of_known = aggregated.join(patients, "mrn").agg(F.sum("count")).first()[0] or 0
+        in_aggregate = aggregated.agg(F.sum("count")).first()[0] or 0
+        event = self.context.instance.get_latest_materialization_event(silver.RECORDINGS)
+        silver_rows = event.asset_materialization.metadata["dagster/row_count"].value if event else 0
+        return AssetCheckResult(
+            check_name="counts_match_silver",
+            passed=in_gold == of_known and in_aggregate == silver_rows,
+            metadata={"gold_count": in_gold, "silver_rows_of_known_patients": of_known,
+                      "aggregated_rows": in_aggregate, "silver_rows": silver_rows},
+        )  # fmt: skip
 
     def _write_snapshot(self, aggregated: DataFrame, batch_id: int) -> dict[str, int]:
         aggregated.write.mode("overwrite").parquet(str(self.snapshots / f"batch-{batch_id:012d}"))
@@ -222,6 +281,11 @@ class GoldTable:
 
 
 GOLD_DEPS = [silver.RECORDINGS, silver.PATIENTS]
+# The hourly schedule and the sensors keep gold fresh; a gold older than this shows as stale in the UI.
+GOLD_FRESHNESS = FreshnessPolicy.time_window(fail_window=timedelta(hours=2), warn_window=timedelta(hours=1))
+COUNTS_CHECK = (
+    "Gold's counts sum to the silver rows of known patients, and its aggregate covers every silver row."
+)
 
 
 @asset(
@@ -229,13 +293,18 @@ GOLD_DEPS = [silver.RECORDINGS, silver.PATIENTS]
     deps=GOLD_DEPS,
     group_name="gold",
     description="Per known patient: current name, ceil of the mean heart rate, number of recordings.",
+    check_specs=[
+        checks.schema_spec("gold/heartrate_by_patient"),
+        checks.spec("gold/heartrate_by_patient", "counts_match_silver", COUNTS_CHECK),
+    ],
+    freshness_policy=GOLD_FRESHNESS,
     pool="heartbeat_lakehouse",
 )
 def gold_heartrate_by_patient(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
-) -> MaterializeResult:
+):
     session = spark.spark_session
-    return GoldTable(context, "gold/heartrate_by_patient", session, lakehouse).materialize(
+    yield from GoldTable(context, "gold/heartrate_by_patient", session, lakehouse).materialize(
         patient_totals,
         "mrn bigint, heartrate_sum decimal(30,6), count bigint",
         lambda totals: heartrate_by_patient(totals, silver.read_patients(session, lakehouse)),
@@ -249,13 +318,18 @@ def gold_heartrate_by_patient(
     deps=GOLD_DEPS,
     group_name="gold",
     description="Per known patient and UTC date: current name, mean heart rate, number of recordings.",
+    check_specs=[
+        checks.schema_spec("gold/daily_patient_avg"),
+        checks.spec("gold/daily_patient_avg", "counts_match_silver", COUNTS_CHECK),
+    ],
+    freshness_policy=GOLD_FRESHNESS,
     pool="heartbeat_lakehouse",
 )
 def gold_daily_patient_avg(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
-) -> MaterializeResult:
+):
     session = spark.spark_session
-    return GoldTable(context, "gold/daily_patient_avg", session, lakehouse).materialize(
+    yield from GoldTable(context, "gold/daily_patient_avg", session, lakehouse).materialize(
         patient_daily_totals,
         "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
         lambda totals: daily_patient_avg(totals, silver.read_patients(session, lakehouse)),
@@ -269,6 +343,15 @@ def gold_daily_patient_avg(
     deps=[silver.RECORDINGS],
     group_name="gold",
     description="Device and event-time windows with fewer readings than the threshold: lost signal.",
+    check_specs=[
+        checks.schema_spec("gold/device_signal_loss"),
+        checks.spec(
+            "gold/device_signal_loss",
+            "no_new_lost_signal",
+            "Warns when a run finds windows in which a device lost its signal; the new ones are listed.",
+        ),
+    ],
+    freshness_policy=GOLD_FRESHNESS,
     pool="heartbeat_lakehouse",
 )
 def gold_device_signal_loss(
@@ -276,9 +359,9 @@ def gold_device_signal_loss(
     config: SignalLossConfig,
     spark: SparkSessionResource,
     lakehouse: LakehouseResource,
-) -> MaterializeResult:
+):
     settings = config.model_dump()
-    return GoldTable(context, "gold/device_signal_loss", spark.spark_session, lakehouse).materialize(
+    yield from GoldTable(context, "gold/device_signal_loss", spark.spark_session, lakehouse).materialize(
         lambda recordings: device_window_counts(recordings, config.window_seconds),
         "device_id int, window_start bigint, readings bigint",
         lambda counts: device_signal_loss(counts, **settings),

@@ -5,7 +5,7 @@ from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets import bronze
+from heartbeat_assets import bronze, checks
 from heartbeat_assets.streaming import appended_table_result, column_schema, run_available_now, start_fresh
 from heartbeat_assets.tables import append_batch, data_files, ensure_exists, replace_table
 from resources import LakehouseResource, SparkSessionResource
@@ -98,6 +98,22 @@ def clean_recordings(bronze_recordings: DataFrame, patients: DataFrame, **valida
     return enrich(deduplicate(validate_recordings(bronze_recordings, **validation)), patients)
 
 
+def batch_quality(valid: DataFrame, min_time: float, max_clock_skew_s: float) -> dict[str, int]:
+    """Counts behind the silver value checks, over the rows of one micro-batch (one pass, cached data)."""
+    heartrate, recorded_at = F.col("heartrate"), F.col("recorded_at")
+    latest = F.current_timestamp() + F.make_interval(secs=F.lit(max_clock_skew_s))
+    out_of_range = (
+        F.isnan(heartrate) | (heartrate <= 0) | (heartrate > MAX_HEARTRATE)
+        | (recorded_at < F.timestamp_seconds(F.lit(min_time))) | (recorded_at > latest)
+    )  # fmt: skip
+    row = valid.agg(
+        checks.count_nulls(valid, ["device_id", "mrn", "recorded_at"]).alias("null_keys"),
+        F.sum(F.when(out_of_range, 1).otherwise(0)).alias("out_of_range"),
+        (F.count("*") - F.count_distinct("device_id", "mrn", "recorded_at")).alias("duplicate_keys"),
+    ).first()
+    return {name: int(row[name] or 0) for name in ("null_keys", "out_of_range", "duplicate_keys")}
+
+
 def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFrame:
     table = lakehouse.table("silver/patients")
     if data_files(table):
@@ -126,11 +142,12 @@ class SilverRecordingsConfig(Config):
     deps=[bronze.PATIENTS],
     group_name="silver",
     description="The current patient dimension: one row per mrn with the latest name.",
+    check_specs=[checks.schema_spec("silver/patients")],
     pool="heartbeat_lakehouse",
 )
 def silver_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
-) -> MaterializeResult:
+):
     """Fold new bronze patient rows into the dimension (complete-mode aggregate, replaced atomically)."""
     start_fresh(context, lakehouse, ["silver/patients"], keep_data=True)
     table = lakehouse.table("silver/patients")
@@ -151,7 +168,8 @@ def silver_patients(
         output_mode="complete",
     )
     ensure_exists(dimension, table)
-    return MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
+    yield MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
+    yield checks.schema_check("silver/patients", dimension)
 
 
 @multi_asset(
@@ -168,6 +186,13 @@ def silver_patients(
             description="Recordings rejected in silver, each with a reason.",
             group_name="silver",
         ),
+    ],
+    check_specs=[
+        checks.schema_spec("silver/recordings"),
+        *checks.value_specs("silver/recordings"),
+        checks.accounting_spec("silver/recordings"),
+        checks.schema_spec("silver/recordings_quarantine"),
+        checks.quarantine_rate_spec("silver/recordings_quarantine"),
     ],
     pool="heartbeat_lakehouse",
 )
@@ -191,6 +216,7 @@ def silver_recordings(
             return {
                 "recordings_written": append_batch(valid, recordings_table, batch_id, partition_by=["date"]),
                 "quarantined": append_batch(rejected, quarantine_table, batch_id),
+                **batch_quality(valid, config.min_time, config.max_clock_skew_s),
             }
         finally:
             batch.unpersist()
@@ -216,6 +242,18 @@ def silver_recordings(
         "bronze_rows_read": report.input_rows,
         "unaccounted_rows": report.input_rows - accounted,
     }
+    yield checks.schema_check("silver/recordings", cleaned.select(*RECORDING_COLUMNS))
+    yield from checks.value_checks("silver/recordings", report.counts)
+    yield checks.accounting_check(
+        "silver/recordings", report.input_rows,
+        {"written": report.count("recordings_written"), "quarantined": report.count("quarantined"),
+         "duplicates": duplicates},
+    )  # fmt: skip
+    yield checks.schema_check("silver/recordings_quarantine", cleaned.select(*QUARANTINE_COLUMNS))
+    yield checks.quarantine_rate_check(
+        "silver/recordings_quarantine", report.count("quarantined"), report.input_rows,
+        lakehouse.quarantine_warn_rate, lakehouse.quarantine_error_rate,
+    )  # fmt: skip
     if accounted != report.input_rows:
         context.log.error(
             f"silver/recordings read {report.input_rows} bronze rows but accounted for {accounted} "

@@ -33,6 +33,8 @@ class QueryReport:
     duration_s: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     state_metrics: dict[str, int] = field(default_factory=dict)
+    #: Spark's own time per phase of its micro-batches (queryPlanning, addBatch, walCommit, ...).
+    phase_ms: dict[str, int] = field(default_factory=dict)
 
     @property
     def batches(self) -> int:
@@ -47,6 +49,7 @@ class QueryReport:
             "micro_batches": self.batches,
             "input_rows": self.input_rows,
             "query_duration_s": round(self.duration_s, 3),
+            **{f"spark_{phase}_ms": ms for phase, ms in sorted(self.phase_ms.items())},
             **self.counts,
         }
 
@@ -91,6 +94,8 @@ def run_available_now(
         if progress.batchId not in report.batch_ids:
             continue
         report.input_rows += progress.numInputRows
+        for phase, ms in (progress.durationMs or {}).items():
+            report.phase_ms[phase] = report.phase_ms.get(phase, 0) + int(ms)
         for operator in progress.stateOperators:
             for key, value in (operator.customMetrics or {}).items():
                 if key.startswith("numDropped"):

@@ -16,13 +16,19 @@ def resources_from_env(environ=os.environ) -> dict:
     - `HEARTBEAT_SPARK_MASTER`: Spark master URL (default `local[*]`), e.g. `spark://host:7077`.
     - `HEARTBEAT_SPARK_CONF`: a JSON object of extra `spark.*` settings.
     - `HEARTBEAT_TABLE_PREVIEWS`: `0` keeps rows of gold tables (patient names) out of Dagster.
+    - `HEARTBEAT_SPARK_LOG_LEVEL`: Spark's log level (default WARN; INFO or DEBUG to see more).
+    - `HEARTBEAT_QUARANTINE_WARN` / `_ERROR`: quarantine-rate check thresholds (default 0.01 and 0.2).
     """
+    previews = environ.get("HEARTBEAT_TABLE_PREVIEWS", "1").strip().lower() not in ("0", "false", "no")
     lakehouse = LakehouseResource(
         data_dir=environ.get("HEARTBEAT_DATA_DIR") or default_data_dir(),
-        table_previews=environ.get("HEARTBEAT_TABLE_PREVIEWS", "1").strip().lower()
-        not in ("0", "false", "no"),
+        table_previews=previews,
+        quarantine_warn_rate=float(environ.get("HEARTBEAT_QUARANTINE_WARN", "0.01")),
+        quarantine_error_rate=float(environ.get("HEARTBEAT_QUARANTINE_ERROR", "0.2")),
     )
     spark_options = {}
+    if environ.get("HEARTBEAT_SPARK_LOG_LEVEL"):
+        spark_options["log_level"] = environ["HEARTBEAT_SPARK_LOG_LEVEL"]
     if environ.get("HEARTBEAT_SPARK_MASTER"):
         spark_options["master"] = environ["HEARTBEAT_SPARK_MASTER"]
     if environ.get("HEARTBEAT_SPARK_CONF"):

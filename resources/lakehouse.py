@@ -63,6 +63,15 @@ class LakehouseResource(ConfigurableResource):
         "turn off where the Dagster UI must not show them.",
     )
 
+    quarantine_warn_rate: float = Field(
+        default=0.01,
+        description="The quarantine_rate checks warn when a run quarantines more than this share.",
+    )
+    quarantine_error_rate: float = Field(
+        default=0.2,
+        description="The quarantine_rate checks fail when a run quarantines more than this share.",
+    )
+
     @property
     def root(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()

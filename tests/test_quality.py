@@ -1,0 +1,76 @@
+"""Asset checks: what a normal run reports, and a failing blocking check stopping gold."""
+
+from dagster import AssetCheckSeverity
+
+from heartbeat_assets.simulator import Faults, Simulator, land_file
+
+
+def evaluations(result) -> dict[tuple[str, str], object]:
+    return {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+
+
+def test_checks_of_a_normal_run_then_an_idle_one(lakehouse):
+    sim = Simulator(lakehouse.root, seed=12, patients=3, devices=3)
+    sim.land_patients()
+    sim.land_recordings(files=3, records=120, faults=Faults(malformed=0.05, duplicates=0.05, signal_gaps=1.0))
+    result = lakehouse.run()
+    checks = evaluations(result)
+
+    # Observability: the newest landed file, the latency from it to gold, Spark's own phase times.
+    newest = max(p.stat().st_mtime for p in (lakehouse.root / "landing" / "recordings").iterdir())
+    bronze = lakehouse.materialization_metadata(result, "bronze/recordings")
+    assert abs(bronze["newest_file_modified_at"] - newest) < 0.01
+    gold = lakehouse.materialization_metadata(result, "gold/heartrate_by_patient")
+    assert 0 < gold["landing_to_gold_latency_s"] < 600
+    assert bronze["spark_addBatch_ms"] > 0 and bronze["micro_batches"] == 1
+
+    failed = {key for key, e in checks.items() if not e.passed}
+    # Faults over 1 % of the input: a warning, not an error. New lost-signal windows: a warning.
+    assert failed == {
+        ("bronze/recordings_quarantine", "quarantine_rate"),
+        ("gold/device_signal_loss", "no_new_lost_signal"),
+    }
+    assert all(checks[key].severity == AssetCheckSeverity.WARN for key in failed)
+    alerts = checks[("gold/device_signal_loss", "no_new_lost_signal")].metadata
+    assert alerts["new_alerts"].value > 0 and "| device_id |" in alerts["alerts"].value
+    for table in (
+        "bronze/recordings",
+        "silver/recordings",
+        "gold/heartrate_by_patient",
+        "gold/device_signal_loss",
+    ):
+        assert checks[(table, "schema_as_declared")].passed
+    assert checks[("silver/recordings", "nothing_lost")].metadata["duplicates"].value > 0
+    assert checks[("gold/heartrate_by_patient", "counts_match_silver")].passed
+
+    idle = evaluations(lakehouse.run())
+    assert idle[("gold/device_signal_loss", "no_new_lost_signal")].passed  # nothing new to report
+
+
+def test_failing_blocking_check_keeps_gold_from_materializing(lakehouse, monkeypatch):
+    sim = Simulator(lakehouse.root, seed=13, patients=2, devices=2)
+    sim.land_patients()
+    sim.land_recordings(files=2, records=60)
+    monkeypatch.setattr(
+        "heartbeat_assets.silver.batch_quality",
+        lambda *args: {"null_keys": 0, "out_of_range": 0, "duplicate_keys": 3},
+    )
+    result = lakehouse.run(raise_on_error=False)
+    checks = evaluations(result)
+    assert not checks[("silver/recordings", "no_duplicate_keys")].passed
+    assert checks[("silver/recordings", "no_duplicate_keys")].severity == AssetCheckSeverity.ERROR
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "silver/recordings" in materialized
+    assert not {t for t in materialized if t.startswith("gold/")}
+
+
+def test_quarantine_rate_above_the_error_threshold(lakehouse):
+    landing = lakehouse.root / "landing" / "recordings"
+    land_file(
+        landing,
+        "mostly-bad.json",
+        b'{"device_id": 1, "mrn": 7, "time": 1704067200, "heartrate": 70}\nbad\nbad\n',
+    )
+    check = evaluations(lakehouse.run())[("bronze/recordings_quarantine", "quarantine_rate")]
+    assert not check.passed and check.severity == AssetCheckSeverity.ERROR
+    assert check.metadata["quarantine_rate"].value == round(2 / 3, 6)
