@@ -117,10 +117,17 @@ def test_asset_graph_materialize_all_sensor_run_and_schedule(dagster_dev):
             assert page.locator(f"svg >> text={name}").count() >= 1, name
         assert page.locator("svg >> text=recordings").count() >= 2  # bronze/ and silver/recordings
         assert page.locator("svg path").count() >= 8, "edges between the assets"
-        page.mouse.move(1000, 500)
-        for _ in range(4):  # zoom out so the whole graph fits the screenshot
-            page.mouse.wheel(0, 300)
+        # Room for the whole graph in the screenshot: no side panels, zoomed out, moved into view.
+        page.get_by_text("Hide navigation").click()
+        page.mouse.click(340, 80)  # the asset tree's toggle
+        for _ in range(6):
+            page.mouse.click(1572, 851)  # zoom out
             page.wait_for_timeout(200)
+        page.mouse.move(1000, 300)
+        page.mouse.down()
+        page.mouse.move(1250, 300, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "asset-graph.png"))
 
         # 2. "Materialize all" starts a run that succeeds.
