@@ -34,7 +34,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks, silver
-from heartbeat_assets.streaming import column_schema, run_available_now, start_fresh
+from heartbeat_assets.streaming import column_schema, latest_metadata, run_available_now, start_fresh
 from heartbeat_assets.tables import data_files, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -171,6 +171,7 @@ class GoldTable:
         build: Callable[[DataFrame], DataFrame],
         settings: dict,
         uses_patients: bool,
+        reports_new_rows: bool = False,
     ) -> list:
         """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks."""
         start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
@@ -201,7 +202,7 @@ class GoldTable:
         if unchanged:
             metadata["dagster/row_count"] = previous["rows"]
         else:
-            if self.name == "gold/device_signal_loss":
+            if reports_new_rows:
                 new_alerts = self._rows_not_in_current_table(table)
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
             metadata.update(self._landing_latency())
@@ -211,7 +212,7 @@ class GoldTable:
         results = [MaterializeResult(metadata=metadata), checks.schema_check(self.name, written)]
         if uses_patients:
             results.append(self._counts_check(written, aggregated))
-        if self.name == "gold/device_signal_loss":
+        if reports_new_rows:
             results.append(
                 AssetCheckResult(
                     check_name="no_new_lost_signal",
@@ -224,9 +225,8 @@ class GoldTable:
 
     def _landing_latency(self) -> dict[str, float]:
         """Seconds from the newest recording file landing (as bronze last saw it) to this table."""
-        event = self.context.instance.get_latest_materialization_event(bronze.RECORDINGS)
-        landed = event.asset_materialization.metadata.get("newest_file_modified_at") if event else None
-        return {"landing_to_gold_latency_s": round(time.time() - landed.value, 3)} if landed else {}
+        landed = latest_metadata(self.context, bronze.RECORDINGS, "newest_file_modified_at")
+        return {"landing_to_gold_latency_s": round(time.time() - landed, 3)} if landed else {}
 
     def _rows_not_in_current_table(self, table: DataFrame) -> list[tuple]:
         """Rows of the rebuilt table that the current version lacks (read before it is replaced)."""
@@ -241,8 +241,7 @@ class GoldTable:
         in_gold = written.agg(F.sum("count")).first()[0] or 0
         of_known = aggregated.join(patients, "mrn").agg(F.sum("count")).first()[0] or 0
         in_aggregate = aggregated.agg(F.sum("count")).first()[0] or 0
-        event = self.context.instance.get_latest_materialization_event(silver.RECORDINGS)
-        silver_rows = event.asset_materialization.metadata["dagster/row_count"].value if event else 0
+        silver_rows = latest_metadata(self.context, silver.RECORDINGS, "dagster/row_count") or 0
         return AssetCheckResult(
             check_name="counts_match_silver",
             passed=in_gold == of_known and in_aggregate == silver_rows,
@@ -367,4 +366,5 @@ def gold_device_signal_loss(
         lambda counts: device_signal_loss(counts, **settings),
         settings=settings,
         uses_patients=False,
+        reports_new_rows=True,
     )

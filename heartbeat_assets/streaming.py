@@ -161,12 +161,17 @@ def row_count(
 
     Keeps the total without scanning the table; `fresh` starts it over (after a full refresh).
     """
-    previous = 0
-    event = None if fresh else context.instance.get_latest_materialization_event(key)
-    if event is not None and event.asset_materialization is not None:
-        value = event.asset_materialization.metadata.get("dagster/row_count")
-        previous = int(value.value) if value is not None else 0
+    previous = 0 if fresh else int(latest_metadata(context, key, "dagster/row_count") or 0)
     return {"dagster/row_count": previous + rows_added, "rows_added": rows_added}
+
+
+def latest_metadata(context: AssetExecutionContext, key: AssetKey, name: str):
+    """Value of metadata entry `name` in the latest materialization of `key`, or None."""
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return None
+    entry = event.asset_materialization.metadata.get(name)
+    return entry.value if entry is not None else None
 
 
 def column_schema(df: DataFrame) -> dict[str, TableSchema]:
