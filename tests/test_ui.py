@@ -66,6 +66,9 @@ def dagster_dev(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(PROJECT / "dagster_home" / "dagster.yaml", home)
+    with open(home / "dagster.yaml", "a") as config:
+        # The UI's newsletter prompt can open at any moment and swallow the test's clicks.
+        config.write("nux:\n  enabled: false\n")
     data = tmp_path / "data"
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "HEARTBEAT_DATA_DIR": str(data)}
