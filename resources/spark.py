@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from dagster import Failure, InitResourceContext
-from dagster_pyspark import PySparkResource
+from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr
 
@@ -30,11 +30,12 @@ LOCAL_DEFAULTS: dict[str, str] = {
 }
 
 
-class SparkSessionResource(PySparkResource):
-    """One SparkSession per run, built on dagster-pyspark's `PySparkResource`.
+class SparkSessionResource(LazyPySparkResource):
+    """One SparkSession per run, built on dagster-pyspark's `LazyPySparkResource`.
 
-    The session is created when the run starts and stopped when it ends. While it lives, the run
-    holds the lakehouse lock, so a second run cannot drive queries on the same checkpoints.
+    The session starts when an asset first needs it (a run in which no query has new input never
+    starts a JVM) and stops when the run ends. The run holds the lakehouse lock from start to end, so
+    a second run cannot drive queries on the same checkpoints.
     """
 
     lakehouse: LakehouseResource
@@ -70,13 +71,12 @@ class SparkSessionResource(PySparkResource):
     def setup_for_execution(self, context: InitResourceContext) -> None:
         stack = ExitStack()
         stack.enter_context(self.lakehouse.exclusive_lock())
-        try:
+        self._exit_stack = stack
+
+    def _init_session(self) -> None:
+        if self._spark_session is None:
             self._spark_session = build_spark_session(self.session_config())
             self._spark_session.sparkContext.setLogLevel(self.log_level)
-        except BaseException:
-            stack.close()
-            raise
-        self._exit_stack = stack
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         try:
