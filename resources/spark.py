@@ -26,6 +26,11 @@ LOCAL_DEFAULTS: dict[str, str] = {
     # Progress of every micro-batch of a run is summed into the asset's metadata.
     "spark.sql.streaming.numRecentProgressUpdates": "1000",
     "spark.ui.showConsoleProgress": "false",
+    # Checkpoint logs through Hadoop's FileSystem API: the default (FileContext) manager on a local
+    # disk spawns processes to set permissions; this halved the time per micro-batch here.
+    "spark.sql.streaming.checkpointFileManagerClass": (
+        "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
+    ),
     "spark.driver.extraJavaOptions": "-Dlog4j2.level=WARN",
 }
 
