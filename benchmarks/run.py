@@ -47,7 +47,7 @@ class Measured:
 
 
 def measure(command: list[str], env: dict[str, str], log: Path) -> Measured:
-    """Run `command` to its end; its wall time and the peak RSS summed over its process tree."""
+    """Run `command` to its end; its wall time and the peak resident memory of its process tree."""
     started = time.perf_counter()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
@@ -55,18 +55,33 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> Measured:
         process = psutil.Popen(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak = 0
         while process.poll() is None:
-            rss = 0
-            try:
-                for member in [process, *process.children(recursive=True)]:
-                    rss += member.memory_info().rss
-            except psutil.Error:  # a member exited while we looked
-                pass
-            peak = max(peak, rss)
-            time.sleep(0.05)
+            peak = max(peak, _tree_memory(process))
+            time.sleep(0.1)
     wall = time.perf_counter() - started
     if process.returncode != 0:
         sys.exit(f"`{' '.join(command)}` failed with exit code {process.returncode}; see {log}")
     return Measured(round(wall, 2), round(peak / 2**20, 1))
+
+
+def _tree_memory(process: psutil.Process) -> int:
+    """Resident memory of a process tree, in bytes, each shared page counted once.
+
+    Summing plain RSS would count the JVM twice whenever it forks a helper process (Hadoop's local
+    file system does, for permissions): the child shares all of its parent's pages for a moment.
+    The proportional set size (PSS) splits shared pages among the processes that map them.
+    """
+    total = 0
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for member in members:
+        try:
+            with open(f"/proc/{member.pid}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+        except (OSError, StopIteration):  # exited while we looked
+            continue
+    return total
 
 
 class Workspace:

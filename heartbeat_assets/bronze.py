@@ -42,6 +42,9 @@ STRICT_JSON = {"allowSingleQuotes": "false"}
 LINEAGE = ["source_file", "source_line", "source_element", "source_modified_at", "ingested_at"]
 
 
+MAX_BYTES_PER_BATCH = 128 * 2**20
+
+
 def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
     """Stream of landed files, one row per file: `value` (whole text), `source_file`, `source_modified_at`.
 
@@ -58,6 +61,9 @@ def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
         # Corrupt .gz files are moved aside before the query (reject_corrupt_gzip); one that lands
         # while it runs is skipped here rather than failing the run, and rejected by the next run.
         .option("ignoreCorruptFiles", True)
+        # Micro-batches of at most this many bytes of landed files: a backlog is ingested in a few
+        # batches of bounded memory, not one batch of everything (nor the seeds' one file each).
+        .option("maxBytesPerTrigger", MAX_BYTES_PER_BATCH)
         .load(str(folder))
         .select(
             "value",

@@ -196,7 +196,8 @@ class GoldTable:
         if uses_patients:
             inputs_read.append(self.lakehouse.table("silver/patients"))
         watch = InputWatch(self.checkpoint, inputs_read, settings)
-        skipped = unchanged_results(self.context, watch, [AssetKey(self.name.split("/"))])
+        nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if reports_new_rows else {}
+        skipped = unchanged_results(self.context, watch, [AssetKey(self.name.split("/"))], nothing_new)
         if skipped is not None:
             return skipped
         recordings = silver.read_table_stream(
@@ -236,16 +237,18 @@ class GoldTable:
         if uses_patients:
             results.append(self._counts_check(written, aggregated))
         if reports_new_rows:
-            results.append(
-                AssetCheckResult(
-                    check_name="no_new_lost_signal",
-                    passed=not new_alerts,
-                    severity=AssetCheckSeverity.WARN,
-                    metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
-                )
-            )
+            results.append(self._new_alerts_check(new_alerts))
         watch.record()
         return results
+
+    def _new_alerts_check(self, new_alerts: list[tuple]) -> AssetCheckResult:
+        return AssetCheckResult(
+            asset_key=AssetKey(self.name.split("/")),
+            check_name="no_new_lost_signal",
+            passed=not new_alerts,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
+        )
 
     def _landing_latency(self) -> dict[str, float]:
         """Seconds from the newest recording file landing (as bronze last saw it) to this table."""

@@ -194,13 +194,20 @@ class InputWatch:
         os.replace(tmp, self.path)
 
 
-def unchanged_results(context: AssetExecutionContext, watch: InputWatch, keys: list[AssetKey]) -> list | None:
+def unchanged_results(
+    context: AssetExecutionContext,
+    watch: InputWatch,
+    keys: list[AssetKey],
+    per_run_checks: dict[str, AssetCheckResult] | None = None,
+) -> list | None:
     """What a step yields when its query can be skipped, or None when it must run.
 
     Skipped when the inputs are unchanged since the query's last complete run and every check of the
     step has an earlier evaluation: the tables are as that run left them, so each materialization
-    keeps its row count and each check carries over its last verdict (pass or fail, same severity).
+    keeps its row count and each check carries over its last verdict (pass or fail, same severity),
+    except `per_run_checks`, by name: checks about what a run added, given their result for nothing.
     """
+    per_run_checks = per_run_checks or {}
     if not watch.unchanged:
         return None
     check_keys = list(context.selected_asset_check_keys)
@@ -225,6 +232,9 @@ def unchanged_results(context: AssetExecutionContext, watch: InputWatch, keys: l
             )
         )
     for key in check_keys:
+        if key.name in per_run_checks:
+            results.append(per_run_checks[key.name])
+            continue
         record = latest[key]
         results.append(
             AssetCheckResult(

@@ -70,6 +70,9 @@ def test_unchanged_inputs_skip_every_query_and_carry_over_check_verdicts(
     idle_checks = check_verdicts(idle)
     assert idle_checks.keys() == first_checks.keys()
     for key, (passed, severity, meta) in idle_checks.items():
+        if key == ("gold/device_signal_loss", "no_new_lost_signal"):  # about this run: nothing new
+            assert passed and meta["new_alerts"] == 0
+            continue
         assert (passed, severity) == first_checks[key][:2], key
         assert meta["evaluated_in_run"] == first.run_id and meta["input_unchanged"]
 
