@@ -264,10 +264,15 @@ class GoldTable:
 
     def _counts_check(self, written: DataFrame, aggregated: DataFrame) -> AssetCheckResult:
         """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
-        patients = silver.read_patients(self.spark, self.lakehouse).select("mrn")
+        patients = silver.read_patients(self.spark, self.lakehouse).select("mrn", F.lit(True).alias("known"))
         in_gold = written.agg(F.sum("count")).first()[0] or 0
-        of_known = aggregated.join(patients, "mrn").agg(F.sum("count")).first()[0] or 0
-        in_aggregate = aggregated.agg(F.sum("count")).first()[0] or 0
+        # One pass over the aggregate for both of its sums.
+        of_known, in_aggregate = (
+            aggregated.join(patients, "mrn", "left")
+            .agg(F.sum(F.when(F.col("known"), F.col("count"))), F.sum("count"))
+            .first()
+        )
+        of_known, in_aggregate = of_known or 0, in_aggregate or 0
         silver_rows = latest_metadata(self.context, silver.RECORDINGS, "dagster/row_count") or 0
         return AssetCheckResult(
             check_name="counts_match_silver",
