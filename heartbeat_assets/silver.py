@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks
 from heartbeat_assets.streaming import appended_table_result, column_schema, run_available_now, start_fresh
-from heartbeat_assets.tables import append_batch, data_files, ensure_exists, replace_table
+from heartbeat_assets.tables import append_batch, data_files, ensure_exists, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
 BRONZE_RECORDINGS_SCHEMA = (
@@ -151,11 +151,10 @@ def silver_patients(
     """Fold new bronze patient rows into the dimension (complete-mode aggregate, replaced atomically)."""
     start_fresh(context, lakehouse, ["silver/patients"], keep_data=True)
     table = lakehouse.table("silver/patients")
-    latest: dict[str, int] = {}
 
     def write_batch(patients: DataFrame, batch_id: int) -> dict[str, int]:
         # Complete mode: every micro-batch carries the whole dimension; the last one is the table.
-        latest["dagster/row_count"] = replace_table(patients, table, {"batch_id": batch_id})
+        replace_table(patients, table, {"batch_id": batch_id})
         return {}
 
     stream = read_table_stream(spark.spark_session, lakehouse, "bronze/patients", BRONZE_PATIENTS_SCHEMA)
@@ -168,6 +167,8 @@ def silver_patients(
         output_mode="complete",
     )
     ensure_exists(dimension, table)
+    # The table's lineage holds the row count of the batch that wrote it last.
+    latest = {"dagster/row_count": read_lineage(table)["rows"]} if report.batches else {}
     yield MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
     yield checks.schema_check("silver/patients", dimension)
 
@@ -208,6 +209,8 @@ def silver_recordings(
     recordings_table = lakehouse.table("silver/recordings")
     quarantine_table = lakehouse.table("silver/recordings_quarantine")
 
+    min_time, max_clock_skew_s = config.min_time, config.max_clock_skew_s  # plain values travel well
+
     def write_batch(batch: DataFrame, batch_id: int) -> dict[str, int]:
         batch = batch.persist()
         try:
@@ -216,7 +219,7 @@ def silver_recordings(
             return {
                 "recordings_written": append_batch(valid, recordings_table, batch_id, partition_by=["date"]),
                 "quarantined": append_batch(rejected, quarantine_table, batch_id),
-                **batch_quality(valid, config.min_time, config.max_clock_skew_s),
+                **batch_quality(valid, min_time, max_clock_skew_s),
             }
         finally:
             batch.unpersist()
