@@ -76,3 +76,15 @@ def test_resources_from_the_environment(tmp_path):
     assert config["spark.master"] == "spark://cluster:7077" and config["spark.executor.memory"] == "4g"
     with pytest.raises(ValueError, match="HEARTBEAT_SPARK_CONF must be a JSON object"):
         resources_from_env({"HEARTBEAT_SPARK_CONF": "executor.memory=4g"})
+
+
+def test_data_root_as_a_file_uri(tmp_path):
+    folder = tmp_path / "a lake"
+    assert LakehouseResource(data_dir=folder.as_uri()).root == folder.resolve()
+    assert resources_from_env({"HEARTBEAT_DATA_DIR": folder.as_uri()})["lakehouse"].root == folder.resolve()
+
+
+@pytest.mark.parametrize("uri", ["s3a://bucket/lake", "abfss://lake@account.dfs.core.windows.net/data"])
+def test_object_store_data_root_says_what_to_do(uri):
+    with pytest.raises(ValueError, match="does not support.*Mount shared POSIX storage.*HEARTBEAT_DATA_DIR"):
+        resources_from_env({"HEARTBEAT_DATA_DIR": uri})
