@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: demo test ui lint clean
+.PHONY: demo test ui lint bench clean
 
 $(BIN)/dagster: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(BIN)/dagster
 ## The Dagster UI and daemon (sensors, schedule, run queue) on http://127.0.0.1:3000.
 ui: $(BIN)/dagster
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## The benchmark against the notebook-style baseline (about 20 minutes; results in benchmarks/results/).
+bench: $(BIN)/dagster
+	$(BIN)/python -m benchmarks.run
 
 lint: $(BIN)/dagster
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -14,7 +14,13 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import checks
-from heartbeat_assets.streaming import appended_table_result, run_available_now, start_fresh
+from heartbeat_assets.streaming import (
+    InputWatch,
+    appended_table_result,
+    run_available_now,
+    start_fresh,
+    unchanged_results,
+)
 from heartbeat_assets.tables import append_batch, append_rows
 from resources import LakehouseResource, SparkSessionResource
 
@@ -36,6 +42,9 @@ STRICT_JSON = {"allowSingleQuotes": "false"}
 LINEAGE = ["source_file", "source_line", "source_element", "source_modified_at", "ingested_at"]
 
 
+MAX_BYTES_PER_BATCH = 128 * 2**20
+
+
 def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
     """Stream of landed files, one row per file: `value` (whole text), `source_file`, `source_modified_at`.
 
@@ -52,6 +61,9 @@ def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
         # Corrupt .gz files are moved aside before the query (reject_corrupt_gzip); one that lands
         # while it runs is skipped here rather than failing the run, and rejected by the next run.
         .option("ignoreCorruptFiles", True)
+        # Micro-batches of at most this many bytes of landed files: a backlog is ingested in a few
+        # batches of bounded memory, not one batch of everything (nor the seeds' one file each).
+        .option("maxBytesPerTrigger", MAX_BYTES_PER_BATCH)
         .load(str(folder))
         .select(
             "value",
@@ -299,6 +311,10 @@ def bronze_recordings(
         context.log.warning(f"{path.name} is not a valid gzip file; moved to {path.parent}.")
     if fresh:  # the rebuilt quarantine needs the files rejected before, too
         rejected = sorted((lakehouse.recordings_landing / REJECTED_FOLDER).glob("*"))
+    watch = InputWatch(lakehouse.checkpoint("bronze/recordings"), [lakehouse.recordings_landing], settle=True)
+    if (skipped := unchanged_results(context, watch, [RECORDINGS, RECORDINGS_QUARANTINE])) is not None:
+        yield from skipped
+        return
     for path in rejected:
         # Keyed by file: recorded once, however often this is retried.
         key = "r" + hashlib.sha1(path.name.encode()).hexdigest()[:16]
@@ -350,6 +366,7 @@ def bronze_recordings(
         "bronze/recordings_quarantine", quarantined + len(rejected), read + len(rejected),
         lakehouse.quarantine_warn_rate, lakehouse.quarantine_error_rate,
     )  # fmt: skip
+    watch.record()
 
 
 @asset(
@@ -366,6 +383,10 @@ def bronze_patients(
     fresh = start_fresh(context, lakehouse, ["bronze/patients"])
     _rename_unreadable_files(context, lakehouse.patients_landing)
     table = lakehouse.table("bronze/patients")
+    watch = InputWatch(lakehouse.checkpoint("bronze/patients"), [lakehouse.patients_landing], settle=True)
+    if (skipped := unchanged_results(context, watch, [PATIENTS])) is not None:
+        yield from skipped
+        return
 
     def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
         rows = parse_patients(files).withColumn("ingested_at", F.current_timestamp())
@@ -384,3 +405,4 @@ def bronze_patients(
         {**report.metadata(), "files_read": report.input_rows}, fresh=fresh,
     )  # fmt: skip
     yield checks.schema_check("bronze/patients", rows)
+    watch.record()

@@ -35,7 +35,14 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks, silver
-from heartbeat_assets.streaming import column_schema, latest_metadata, run_available_now, start_fresh
+from heartbeat_assets.streaming import (
+    InputWatch,
+    column_schema,
+    latest_metadata,
+    run_available_now,
+    start_fresh,
+    unchanged_results,
+)
 from heartbeat_assets.tables import data_files, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -155,15 +162,24 @@ class GoldTable:
     """Runs the aggregate of one gold table and rebuilds the table when its inputs changed."""
 
     def __init__(
-        self, context: AssetExecutionContext, name: str, spark: SparkSession, lakehouse: LakehouseResource
+        self,
+        context: AssetExecutionContext,
+        name: str,
+        spark: SparkSessionResource,
+        lakehouse: LakehouseResource,
     ):
         self.context = context
         self.name = name
-        self.spark = spark
+        self._spark = spark
         self.lakehouse = lakehouse
         self.table = lakehouse.table(name)
         self.checkpoint = lakehouse.checkpoint(name)
         self.snapshots = self.checkpoint / "_aggregate"
+
+    @property
+    def spark(self) -> SparkSession:
+        """The run's session, started on first use (a skipped table never needs it)."""
+        return self._spark.spark_session
 
     def materialize(
         self,
@@ -177,6 +193,14 @@ class GoldTable:
         """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks."""
         start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
         self._check_settings(settings)
+        inputs_read = [self.lakehouse.table("silver/recordings")]
+        if uses_patients:
+            inputs_read.append(self.lakehouse.table("silver/patients"))
+        watch = InputWatch(self.checkpoint, inputs_read, settings)
+        nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if reports_new_rows else {}
+        skipped = unchanged_results(self.context, watch, [AssetKey(self.name.split("/"))], nothing_new)
+        if skipped is not None:
+            return skipped
         recordings = silver.read_table_stream(
             self.spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
         )
@@ -214,15 +238,18 @@ class GoldTable:
         if uses_patients:
             results.append(self._counts_check(written, aggregated))
         if reports_new_rows:
-            results.append(
-                AssetCheckResult(
-                    check_name="no_new_lost_signal",
-                    passed=not new_alerts,
-                    severity=AssetCheckSeverity.WARN,
-                    metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
-                )
-            )
+            results.append(self._new_alerts_check(new_alerts))
+        watch.record()
         return results
+
+    def _new_alerts_check(self, new_alerts: list[tuple]) -> AssetCheckResult:
+        return AssetCheckResult(
+            asset_key=AssetKey(self.name.split("/")),
+            check_name="no_new_lost_signal",
+            passed=not new_alerts,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
+        )
 
     def _landing_latency(self) -> dict[str, float]:
         """Seconds from the newest recording file landing (as bronze last saw it) to this table."""
@@ -306,11 +333,10 @@ COUNTS_CHECK = (
 def gold_heartrate_by_patient(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ):
-    session = spark.spark_session
-    yield from GoldTable(context, "gold/heartrate_by_patient", session, lakehouse).materialize(
+    yield from GoldTable(context, "gold/heartrate_by_patient", spark, lakehouse).materialize(
         patient_totals,
         "mrn bigint, heartrate_sum decimal(30,6), count bigint",
-        lambda totals: heartrate_by_patient(totals, silver.read_patients(session, lakehouse)),
+        lambda totals: heartrate_by_patient(totals, silver.read_patients(totals.sparkSession, lakehouse)),
         settings={},
         uses_patients=True,
     )
@@ -331,11 +357,10 @@ def gold_heartrate_by_patient(
 def gold_daily_patient_avg(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ):
-    session = spark.spark_session
-    yield from GoldTable(context, "gold/daily_patient_avg", session, lakehouse).materialize(
+    yield from GoldTable(context, "gold/daily_patient_avg", spark, lakehouse).materialize(
         patient_daily_totals,
         "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
-        lambda totals: daily_patient_avg(totals, silver.read_patients(session, lakehouse)),
+        lambda totals: daily_patient_avg(totals, silver.read_patients(totals.sparkSession, lakehouse)),
         settings={},
         uses_patients=True,
     )
@@ -364,7 +389,7 @@ def gold_device_signal_loss(
     lakehouse: LakehouseResource,
 ):
     settings = config.model_dump()
-    yield from GoldTable(context, "gold/device_signal_loss", spark.spark_session, lakehouse).materialize(
+    yield from GoldTable(context, "gold/device_signal_loss", spark, lakehouse).materialize(
         lambda recordings: device_window_counts(recordings, config.window_seconds),
         "device_id int, window_start bigint, readings bigint",
         lambda counts: device_signal_loss(counts, **settings),

@@ -4,6 +4,10 @@ The cursor is a high-water mark, not a list of files: the newest change time (ct
 names that share it. A rename into the folder sets a file's ctime, so a file written long ago and
 renamed in now is still new. Files changed in the last `SETTLE_SECONDS` wait for the next tick, so
 a file renamed in while the folder is being listed cannot fall behind the mark.
+
+The cursor also keeps the folder's own mtime once every file in it was seen: adding, renaming or
+removing a file changes it, so a tick on an unchanged folder costs one `stat`, however many files
+have landed over time.
 """
 
 from __future__ import annotations
@@ -26,16 +30,20 @@ SETTLE_SECONDS = 1.0
 class LandingCursor:
     ctime_ns: int = -1
     names: tuple[str, ...] = ()
+    #: The folder's mtime when all its files had settled and been seen; -1 when not known.
+    folder_mtime_ns: int = -1
 
     @classmethod
     def parse(cls, raw: str | None) -> LandingCursor:
         if not raw:
             return cls()
         data = json.loads(raw)
-        return cls(int(data["ctime_ns"]), tuple(data["names"]))
+        return cls(int(data["ctime_ns"]), tuple(data["names"]), int(data.get("folder_mtime_ns", -1)))
 
     def serialize(self) -> str:
-        return json.dumps({"ctime_ns": self.ctime_ns, "names": sorted(self.names)})
+        return json.dumps(
+            {"ctime_ns": self.ctime_ns, "names": sorted(self.names), "folder_mtime_ns": self.folder_mtime_ns}
+        )
 
 
 def is_landed_file(name: str, suffixes: tuple[str, ...]) -> bool:
@@ -48,27 +56,35 @@ def scan_new_files(
 ) -> tuple[list[str], LandingCursor]:
     """Names of settled files that landed after `cursor`, and the cursor to store next."""
     settled_before = (now_ns if now_ns is not None else time.time_ns()) - int(SETTLE_SECONDS * 1e9)
-    new: list[tuple[int, str]] = []
-    if folder.is_dir():
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if not is_landed_file(entry.name, suffixes):
-                    continue
-                try:
-                    ctime = entry.stat().st_ctime_ns
-                except FileNotFoundError:  # renamed away while listing
-                    continue
-                if ctime > settled_before:
-                    continue
-                if ctime > cursor.ctime_ns or (ctime == cursor.ctime_ns and entry.name not in cursor.names):
-                    new.append((ctime, entry.name))
-    if not new:
+    try:
+        folder_mtime = folder.stat().st_mtime_ns
+    except FileNotFoundError:
         return [], cursor
+    if folder_mtime == cursor.folder_mtime_ns:
+        return [], cursor
+    new: list[tuple[int, str]] = []
+    unsettled = folder_mtime > settled_before
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not is_landed_file(entry.name, suffixes):
+                continue
+            try:
+                ctime = entry.stat().st_ctime_ns
+            except FileNotFoundError:  # renamed away while listing
+                continue
+            if ctime > settled_before:
+                unsettled = True
+                continue
+            if ctime > cursor.ctime_ns or (ctime == cursor.ctime_ns and entry.name not in cursor.names):
+                new.append((ctime, entry.name))
+    mark = -1 if unsettled else folder_mtime
+    if not new:
+        return [], LandingCursor(cursor.ctime_ns, cursor.names, mark)
     newest = max(ctime for ctime, _ in new)
     names = {name for ctime, name in new if ctime == newest}
     if newest == cursor.ctime_ns:
         names |= set(cursor.names)
-    return sorted(name for _, name in new), LandingCursor(newest, tuple(sorted(names)))
+    return sorted(name for _, name in new), LandingCursor(newest, tuple(sorted(names)), mark)
 
 
 def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description: str):
@@ -83,7 +99,10 @@ def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description
         cursor = LandingCursor.parse(context.cursor)
         files, next_cursor = scan_new_files(folder_of(lakehouse), cursor, suffixes)
         if not files:
-            return SkipReason(f"No new files in {folder_of(lakehouse)}")
+            return SensorResult(
+                skip_reason=SkipReason(f"No new files in {folder_of(lakehouse)}"),
+                cursor=next_cursor.serialize(),
+            )
         preview = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
         context.log.info(f"{len(files)} new file(s): {preview}")
         return SensorResult(

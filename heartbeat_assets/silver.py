@@ -6,7 +6,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks
-from heartbeat_assets.streaming import appended_table_result, column_schema, run_available_now, start_fresh
+from heartbeat_assets.streaming import (
+    InputWatch,
+    appended_table_result,
+    column_schema,
+    run_available_now,
+    start_fresh,
+    unchanged_results,
+)
 from heartbeat_assets.tables import append_batch, data_files, ensure_exists, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
@@ -151,6 +158,10 @@ def silver_patients(
     """Fold new bronze patient rows into the dimension (complete-mode aggregate, replaced atomically)."""
     start_fresh(context, lakehouse, ["silver/patients"], keep_data=True)
     table = lakehouse.table("silver/patients")
+    watch = InputWatch(lakehouse.checkpoint("silver/patients"), [lakehouse.table("bronze/patients")])
+    if (skipped := unchanged_results(context, watch, [PATIENTS])) is not None:
+        yield from skipped
+        return
 
     def write_batch(patients: DataFrame, batch_id: int) -> dict[str, int]:
         # Complete mode: every micro-batch carries the whole dimension; the last one is the table.
@@ -171,6 +182,7 @@ def silver_patients(
     latest = {"dagster/row_count": read_lineage(table)["rows"]} if report.batches else {}
     yield MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
     yield checks.schema_check("silver/patients", dimension)
+    watch.record()
 
 
 @multi_asset(
@@ -205,6 +217,12 @@ def silver_recordings(
 ):
     """Validate, deduplicate and enrich new bronze recordings."""
     fresh = start_fresh(context, lakehouse, ["silver/recordings", "silver/recordings_quarantine"])
+    watch = InputWatch(
+        lakehouse.checkpoint("silver/recordings"), [lakehouse.table("bronze/recordings")], config.model_dump()
+    )
+    if (skipped := unchanged_results(context, watch, [RECORDINGS, RECORDINGS_QUARANTINE])) is not None:
+        yield from skipped
+        return
     session = spark.spark_session
     recordings_table = lakehouse.table("silver/recordings")
     quarantine_table = lakehouse.table("silver/recordings_quarantine")
@@ -270,3 +288,4 @@ def silver_recordings(
         context, RECORDINGS_QUARANTINE, quarantine_table, cleaned.select(*QUARANTINE_COLUMNS),
         report.count("quarantined"), common, fresh=fresh,
     )  # fmt: skip
+    watch.record()

@@ -6,6 +6,7 @@ the query, waits for it, and sums the query's progress into numbers the Dagster 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,7 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Failure, MaterializeResult, TableColumn, TableSchema
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetKey,
+    Failure,
+    MaterializeResult,
+    TableColumn,
+    TableSchema,
+)
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import DataFrame
@@ -179,6 +190,114 @@ def _query_failure(name: str, checkpoint: Path, exc: BaseException) -> Failure:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class InputWatch:
+    """Tells, without Spark, whether a query's inputs changed since its last complete run.
+
+    The mark is the modification time of every folder the query reads (files are added by a rename
+    or a create, which changes their folder's mtime), plus any settings. It is stored beside the
+    checkpoint only after the query completed, so a crashed or failed run is never skipped after.
+    Landing folders are written by others at any time: one changed within the last `SETTLE_NS` is
+    not trusted (file systems keep times at a coarse tick), so the query runs and the next run
+    decides again. The lakehouse's own tables change only inside a run, which holds the lock.
+    """
+
+    FILE = "_input_mark"
+    SETTLE_NS = 2_000_000_000
+
+    def __init__(self, checkpoint: Path, folders: list[Path], settings: object = None, settle: bool = False):
+        self.path = checkpoint / self.FILE
+        self.mark = self._mark(folders, settings, settle)
+
+    def _mark(self, folders: list[Path], settings: object, settle: bool) -> str | None:
+        stamps = [repr(settings)]
+        newest_allowed = time.time_ns() - self.SETTLE_NS if settle else None
+        for top in folders:
+            if not top.is_dir():
+                stamps.append(f"{top}:missing")
+                continue
+            for folder, dirs, _ in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "_staging"]
+                stat = os.stat(folder)
+                if newest_allowed is not None and stat.st_mtime_ns > newest_allowed:
+                    return None
+                stamps.append(f"{folder}:{stat.st_ino}:{stat.st_mtime_ns}")
+        return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+
+    @property
+    def unchanged(self) -> bool:
+        try:
+            return self.mark is not None and self.path.read_text() == self.mark
+        except FileNotFoundError:
+            return False
+
+    def record(self) -> None:
+        """Remember the inputs as seen before the query ran (call after it completed)."""
+        if self.mark is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.FILE}.tmp")
+        tmp.write_text(self.mark)
+        os.replace(tmp, self.path)
+
+
+def unchanged_results(
+    context: AssetExecutionContext,
+    watch: InputWatch,
+    keys: list[AssetKey],
+    per_run_checks: dict[str, AssetCheckResult] | None = None,
+) -> list | None:
+    """What a step yields when its query can be skipped, or None when it must run.
+
+    Skipped when the inputs are unchanged since the query's last complete run and every check of the
+    step has an earlier evaluation: the tables are as that run left them, so each materialization
+    keeps its row count and each check carries over its last verdict (pass or fail, same severity),
+    except `per_run_checks`, by name: checks about what a run added, given their result for nothing.
+    """
+    per_run_checks = per_run_checks or {}
+    if not watch.unchanged:
+        return None
+    check_keys = list(context.selected_asset_check_keys)
+    latest = {}
+    for key in check_keys:
+        done = context.instance.event_log_storage.get_asset_check_execution_history(
+            key,
+            limit=1,
+            status={CheckStatus.SUCCEEDED, CheckStatus.FAILED},
+        )
+        if not done or not isinstance(done[0].evaluation, AssetCheckEvaluation):
+            return None
+        latest[key] = done[0]
+    results: list = []
+    for key in keys:
+        rows = latest_metadata(context, key, "dagster/row_count")
+        metadata = {"input_unchanged": True, "rows_added": 0}
+        results.append(
+            MaterializeResult(
+                asset_key=key,
+                metadata={**metadata, **({"dagster/row_count": int(rows)} if rows is not None else {})},
+            )
+        )
+    for key in check_keys:
+        if key.name in per_run_checks:
+            results.append(per_run_checks[key.name])
+            continue
+        record = latest[key]
+        results.append(
+            AssetCheckResult(
+                asset_key=key.asset_key,
+                check_name=key.name,
+                passed=record.evaluation.passed,
+                severity=record.evaluation.severity,
+                metadata={
+                    **record.evaluation.metadata,
+                    "input_unchanged": True,
+                    "evaluated_in_run": record.run_id,
+                },
+            )
+        )
+    return results
 
 
 LAYERS = ("bronze", "silver", "gold")

@@ -9,8 +9,8 @@ from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlparse
 
-from dagster import Failure, InitResourceContext
-from dagster_pyspark import PySparkResource
+from dagster import Failure, InitResourceContext, get_dagster_logger
+from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 
@@ -28,7 +28,15 @@ LOCAL_DEFAULTS: dict[str, str] = {
     # Progress of every micro-batch of a run is summed into the asset's metadata.
     "spark.sql.streaming.numRecentProgressUpdates": "1000",
     "spark.ui.showConsoleProgress": "false",
+    # Checkpoint logs through Hadoop's FileSystem API: the default (FileContext) manager on a local
+    # disk spawns processes to set permissions; this halved the time per micro-batch here.
+    "spark.sql.streaming.checkpointFileManagerClass": (
+        "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
+    ),
     "spark.driver.extraJavaOptions": "-Dlog4j2.level=WARN",
+    # A bounded heap keeps the whole run (Python, JVM, RocksDB) under 1.5 GiB on a 2M-record load;
+    # without it the JVM grows towards a quarter of the machine's memory.
+    "spark.driver.memory": "1g",
 }
 
 
@@ -36,11 +44,12 @@ LOCAL_DEFAULTS: dict[str, str] = {
 CONNECT_DEFAULT_PORT = 15002
 
 
-class SparkSessionResource(PySparkResource):
-    """One SparkSession per run, built on dagster-pyspark's `PySparkResource`.
+class SparkSessionResource(LazyPySparkResource):
+    """One SparkSession per run, built on dagster-pyspark's `LazyPySparkResource`.
 
-    The session is created when the run starts and stopped when it ends. While it lives, the run
-    holds the lakehouse lock, so a second run cannot drive queries on the same checkpoints.
+    The session starts when an asset first needs it (a run in which no query has new input never
+    starts a JVM) and stops when the run ends. The run holds the lakehouse lock from start to end, so
+    a second run cannot drive queries on the same checkpoints.
 
     With `master` the run is the Spark driver (local, or a cluster's: `spark://`, `yarn`, `k8s://`).
     With `remote` it is a client of a Spark Connect server, which runs the queries; the server's
@@ -107,22 +116,22 @@ class SparkSessionResource(PySparkResource):
     def setup_for_execution(self, context: InitResourceContext) -> None:
         stack = ExitStack()
         stack.enter_context(self.lakehouse.exclusive_lock())
-        try:
-            if self.remote:
-                self._spark_session = build_connect_session(self.remote, self.connect_config())
-                server_side = sorted(key for key in self.spark_config if not key.startswith("spark.sql."))
-                if server_side and context.log is not None:
-                    context.log.warning(
-                        f"Spark Connect: {', '.join(server_side)} are settings of the Connect server and "
-                        "do not apply to this run; pass them to start-connect-server.sh with --conf."
-                    )
-            else:
-                self._spark_session = build_spark_session(self.session_config())
-                self._spark_session.sparkContext.setLogLevel(self.log_level)
-        except BaseException:
-            stack.close()
-            raise
         self._exit_stack = stack
+
+    def _init_session(self) -> None:
+        if self._spark_session is not None:
+            return
+        if self.remote:
+            self._spark_session = build_connect_session(self.remote, self.connect_config())
+            server_side = sorted(key for key in self.spark_config if not key.startswith("spark.sql."))
+            if server_side:
+                get_dagster_logger().warning(
+                    f"Spark Connect: {', '.join(server_side)} are settings of the Connect server and "
+                    "do not apply to this run; pass them to start-connect-server.sh with --conf."
+                )
+        else:
+            self._spark_session = build_spark_session(self.session_config())
+            self._spark_session.sparkContext.setLogLevel(self.log_level)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         try:

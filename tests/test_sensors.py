@@ -1,9 +1,10 @@
 """The landing sensors: new files start one run, the cursor stays small, restarts lose nothing."""
 
+import json
 import os
 import time
 
-from dagster import RunRequest, SkipReason, build_sensor_context
+from dagster import RunRequest, build_sensor_context
 
 from heartbeat_assets.definitions import build_definitions
 from heartbeat_assets.sensors import (
@@ -21,6 +22,10 @@ def tick(sensor, lakehouse, cursor=None):
     return sensor(context), context
 
 
+def skipped(result) -> bool:
+    return result.skip_reason is not None and not result.run_requests
+
+
 def settle():
     time.sleep(1.1)  # files changed in the last second wait for the next tick
 
@@ -29,7 +34,7 @@ def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
     lakehouse = LakehouseResource(data_dir=str(tmp_path))
     landing = lakehouse.recordings_landing
     result, _ = tick(recordings_landing_sensor, lakehouse)
-    assert isinstance(result, SkipReason)
+    assert skipped(result)
 
     for i in range(3):
         land_file(landing, f"r{i}.json", b"{}")
@@ -42,7 +47,7 @@ def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
     assert request.job_name in (None, "medallion") and request.tags["heartbeat/new_files"] == "3"
 
     again, _ = tick(recordings_landing_sensor, lakehouse, cursor=result.cursor)
-    assert isinstance(again, SkipReason)
+    assert skipped(again)
 
 
 def test_cursor_stays_small_with_many_files_and_restart_loses_nothing(tmp_path):
@@ -68,6 +73,30 @@ def test_cursor_stays_small_with_many_files_and_restart_loses_nothing(tmp_path):
     # A sensor whose cursor was reset sees every file once more: one run, which ingests nothing twice.
     restarted, _ = tick(recordings_landing_sensor, lakehouse, cursor=None)
     assert restarted.run_requests[0].tags["heartbeat/new_files"] == "2001"
+
+
+def test_a_tick_on_an_unchanged_folder_does_not_list_it(tmp_path, monkeypatch):
+    """The cost of an idle tick does not grow with the number of files ever landed."""
+    landing = tmp_path
+    for i in range(50):
+        land_file(landing, f"r{i}.json", b"{}")
+    settle()
+    files, cursor = scan_new_files(landing, LandingCursor(), (".json",))
+    assert len(files) == 50 and cursor.folder_mtime_ns == landing.stat().st_mtime_ns
+
+    def no_listing(path):
+        raise AssertionError("listed an unchanged folder")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "scandir", no_listing)
+        assert scan_new_files(landing, cursor, (".json",)) == ([], cursor)
+    land_file(landing, "new.json", b"{}")  # changes the folder: the next settled tick lists it
+    settle()
+    files, cursor = scan_new_files(landing, cursor, (".json",))
+    assert files == ["new.json"]
+    # The restored cursor of an older version, without the folder's mtime, still works.
+    legacy = LandingCursor.parse(json.dumps({"ctime_ns": cursor.ctime_ns, "names": ["new.json"]}))
+    assert scan_new_files(landing, legacy, (".json",))[0] == []
 
 
 def test_files_landing_during_a_tick_are_left_for_the_next(tmp_path):

@@ -1,0 +1,384 @@
+"""The benchmark: the pipeline through the real Dagster entry point against the notebooks' way.
+
+    make bench                      # full run: 2M recordings, 10k-file history, 20 landings
+    python -m benchmarks.run --quick   # small sizes, to try the benchmark itself
+
+Every measurement is one whole process (Python, Dagster, the JVM) timed from start to exit, with
+the peak resident memory of its process tree. Prints a table and writes the numbers as JSON to
+`benchmarks/results/` for comparison across commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from heartbeat_assets.simulator import Simulator
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RESULTS = PROJECT / "benchmarks" / "results"
+MEDALLION = [str(BIN / "dagster"), "job", "execute", "-m", "heartbeat_assets", "-j", "medallion"]
+SESSION_START = [
+    sys.executable,
+    "-c",
+    "from pyspark.sql import SparkSession; "
+    "SparkSession.builder.master('local[*]').config('spark.ui.enabled', 'false').getOrCreate().stop()",
+]
+
+
+@dataclass
+class Measured:
+    wall_s: float
+    peak_rss_mib: float
+
+
+def measure(command: list[str], env: dict[str, str], log: Path) -> Measured:
+    """Run `command` to its end; its wall time and the peak resident memory of its process tree."""
+    started = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        process = psutil.Popen(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, _tree_memory(process))
+            time.sleep(0.1)
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        sys.exit(f"`{' '.join(command)}` failed with exit code {process.returncode}; see {log}")
+    return Measured(round(wall, 2), round(peak / 2**20, 1))
+
+
+def _tree_memory(process: psutil.Process) -> int:
+    """Resident memory of a process tree, in bytes, each shared page counted once.
+
+    Summing plain RSS would count the JVM twice whenever it forks a helper process (Hadoop's local
+    file system does, for permissions): the child shares all of its parent's pages for a moment.
+    The proportional set size (PSS) splits shared pages among the processes that map them.
+    """
+    total = 0
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for member in members:
+        try:
+            with open(f"/proc/{member.pid}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+        except (OSError, StopIteration):  # exited while we looked
+            continue
+    return total
+
+
+class Workspace:
+    """A data root and a Dagster instance of its own, for the pipeline or the baseline."""
+
+    def __init__(self, root: Path, name: str):
+        self.data = root / name / "data"
+        self.home = root / name / "dagster_home"
+        self.home.mkdir(parents=True)
+        shutil.copy(PROJECT / "dagster_home" / "dagster.yaml", self.home)
+        self.log = root / f"{name}.log"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HEARTBEAT_DATA_DIR": str(self.data),
+            "DAGSTER_HOME": str(self.home),
+            **extra,
+        }
+
+    def medallion(self) -> Measured:
+        return measure(MEDALLION, self.env(), self.log)
+
+    def baseline(self) -> Measured:
+        return measure([sys.executable, "-m", "benchmarks.baseline", str(self.data)], self.env(), self.log)
+
+    def copy_landing_from(self, other: Workspace) -> None:
+        shutil.copytree(other.data / "landing", self.data / "landing", dirs_exist_ok=True)
+
+
+def land(workspace: Workspace, files: int, records: int, wave: int, devices: int = 50) -> None:
+    sim = Simulator(workspace.data, seed=5, patients=devices, devices=devices)
+    if wave == 0:
+        sim.land_patients()
+    sim.land_recordings(files, records, wave=wave, progress=files >= 200)
+
+
+def bench_load(root: Path, args, results: dict) -> None:
+    """Initial load, +10 files, idle run: ours and the baseline on the same files."""
+    ours, base = Workspace(root, "ours"), Workspace(root, "baseline")
+    per_file = args.records // args.files
+    print(f"Landing {args.files} files of {per_file} recordings ...", flush=True)
+    land(ours, args.files, per_file, wave=0)
+    base.copy_landing_from(ours)
+    results["initial_load"] = {"ours": asdict(ours.medallion())}
+    print(f"  initial load, ours: {results['initial_load']['ours']}", flush=True)
+    if not args.skip_baseline:
+        results["initial_load"]["baseline"] = asdict(base.baseline())
+        print(f"  initial load, baseline: {results['initial_load']['baseline']}", flush=True)
+    land(ours, 10, per_file, wave=1)
+    base.copy_landing_from(ours)
+    results["plus_10_files"] = {"ours": asdict(ours.medallion())}
+    if not args.skip_baseline:
+        results["plus_10_files"]["baseline"] = asdict(base.baseline())
+    print(f"  +10 files: {results['plus_10_files']}", flush=True)
+    results["idle_run"] = {"ours": asdict(ours.medallion())}
+    print(f"  idle: {results['idle_run']}", flush=True)
+
+
+def bench_history(root: Path, args, results: dict) -> None:
+    """A pickup of 10 files after a long history of landed files vs after a short one."""
+    for history in (10, args.history_files):
+        workspace = Workspace(root, f"history-{history}")
+        land(workspace, history, args.history_records, wave=0)
+        setup = workspace.medallion()
+        land(workspace, 10, args.history_records, wave=1)
+        pickup = workspace.medallion()
+        results[f"pickup_after_{history}_files"] = {"ours": asdict(pickup), "history_load": asdict(setup)}
+        print(f"  pickup of 10 after {history}: {pickup} (history load {setup})", flush=True)
+
+
+def bench_sensor_tick(root: Path, args, results: dict) -> None:
+    """The recordings sensor's tick over a landing folder of many files: idle, and with one new file."""
+    from dagster import build_sensor_context
+
+    from heartbeat_assets.sensors import recordings_landing_sensor
+    from resources import LakehouseResource
+
+    data = root / "sensor" / "data"
+    folder = data / "landing" / "recordings"
+    folder.mkdir(parents=True)
+    for index in range(args.sensor_files):
+        (folder / f"recordings-{index:06d}.json").touch()
+    lakehouse = LakehouseResource(data_dir=str(data))
+    time.sleep(1.5)  # past the sensor's settle time
+
+    def tick(cursor: str | None):
+        context = build_sensor_context(cursor=cursor, resources={"lakehouse": lakehouse})
+        started = time.perf_counter()
+        result = recordings_landing_sensor(context)
+        return (time.perf_counter() - started) * 1000, getattr(result, "cursor", None) or context.cursor
+
+    _, cursor = tick(None)  # the first tick sees every file
+    idle = [tick(cursor)[0] for _ in range(5)]
+    new = []
+    for index in range(5):
+        (folder / f"recordings-new-{index}.json").touch()
+        time.sleep(1.2)
+        ms, cursor = tick(cursor)
+        new.append(ms)
+    results["sensor_tick"] = {
+        "files": args.sensor_files,
+        "idle_ms": round(statistics.median(idle), 2),
+        "new_file_ms": round(statistics.median(new), 2),
+    }
+    print(f"  sensor tick: {results['sensor_tick']}", flush=True)
+
+
+def bench_latency(root: Path, args, results: dict) -> None:
+    """Landing -> gold updated through the sensor of a running `dagster dev`, over several landings."""
+    from dagster import AssetKey, DagsterInstance
+
+    workspace = Workspace(root, "latency")
+    land(workspace, 4, 100, wave=0, devices=4)
+    port = _free_port()
+    dev = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-w", str(PROJECT / "workspace.yaml"), "-h", "127.0.0.1", "-p", port],
+        cwd=PROJECT,
+        env=workspace.env(),
+        stdout=workspace.log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    gold = AssetKey(["gold", "heartrate_by_patient"])
+    os.environ["DAGSTER_HOME"] = str(workspace.home)
+    latencies = []
+    try:
+        instance = DagsterInstance.get()
+        _wait(lambda: _materialized_after(instance, gold, 0), 300, "the first sensor run")
+        sim = Simulator(workspace.data, seed=5, patients=4, devices=4)
+        for landing in range(args.latency_landings):
+            _wait(lambda: _idle(instance), 120, "runs to finish")
+            time.sleep(1)
+            landed_at = time.time()
+            sim.land_recordings(1, 100, wave=10 + landing)
+            updated = _wait(
+                lambda after=landed_at: _materialized_after(instance, gold, after), 120, "gold to update"
+            )
+            latencies.append(round(updated - landed_at, 2))
+            print(f"  landing {landing + 1}: {latencies[-1]} s", flush=True)
+    finally:
+        os.killpg(dev.pid, 15)
+        try:
+            dev.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, 9)
+    results["landing_to_gold_latency"] = {
+        "landings": len(latencies),
+        "p50_s": round(statistics.median(latencies), 2),
+        "p95_s": round(_percentile(latencies, 95), 2),
+        "all_s": latencies,
+    }
+
+
+def _materialized_after(instance, key, after: float) -> float | None:
+    event = instance.get_latest_materialization_event(key)
+    return event.timestamp if event is not None and event.timestamp > after else None
+
+
+def _idle(instance) -> bool:
+    from dagster import DagsterRunStatus, RunsFilter
+
+    busy = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+    return not instance.get_run_records(RunsFilter(statuses=busy))
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    sys.exit(f"gave up waiting for {what} after {timeout} s")
+
+
+def _percentile(values: list[float], percent: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(percent / 100 * (len(ordered) - 1)))]
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def machine() -> dict:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    import dagster
+    import pyspark
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "java": java,
+        "pyspark": pyspark.__version__,
+        "dagster": dagster.__version__,
+    }
+
+
+def table(results: dict) -> str:
+    """The results as a Markdown table: ours, the baseline where there is one, ratio and target."""
+
+    def wall(key: str, who: str = "ours"):
+        entry = results.get(key, {}).get(who)
+        return entry["wall_s"] if entry else None
+
+    session = results["session_start"]["wall_s"]
+    rows = [("measurement", "ours", "baseline", "ratio", "target")]
+    for key, label in (("initial_load", "initial load, all layers (s)"), ("plus_10_files", "+10 files (s)")):
+        ours, base = wall(key), wall(key, "baseline")
+        rows.append((label, ours, base or "-", f"{ours / base:.2f}" if base else "-", "ratio <= 0.33"))
+    rows.append(("idle run (s)", wall("idle_run"), "-", "-", f"<= session start + 3 = {session + 3:.1f}"))
+    rows.append(("session start (s)", session, "-", "-", "-"))
+    pickups = sorted((int(k.split("_")[2]), k) for k in results if k.startswith("pickup_after_"))
+    if len(pickups) == 2:
+        (short, short_key), (long, long_key) = pickups
+        label = f"pickup of 10 files after {long} vs {short} files (s)"
+        ratio = wall(long_key) / wall(short_key)
+        rows.append((label, f"{wall(long_key)} vs {wall(short_key)}", "-", f"{ratio:.2f}", "ratio <= 1.2"))
+    load = results["initial_load"]
+    memory = (load["ours"]["peak_rss_mib"], load.get("baseline", {}).get("peak_rss_mib", "-"))
+    rows.append(("peak memory, initial load (MiB)", *memory, "-", "<= 1536"))
+    if "sensor_tick" in results:
+        tick = results["sensor_tick"]
+        label = f"sensor tick at {tick['files']} files, idle / new file (ms)"
+        rows.append((label, f"{tick['idle_ms']} / {tick['new_file_ms']}", "-", "-", "flat in files landed"))
+    if "landing_to_gold_latency" in results:
+        lat = results["landing_to_gold_latency"]
+        label = f"landing -> gold via sensor, p50 / p95 of {lat['landings']} (s)"
+        rows.append((label, f"{lat['p50_s']} / {lat['p95_s']}", "-", "-", "p50 <= 10"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=2_000_000, help="recordings in the initial load")
+    parser.add_argument("--files", type=int, default=1000, help="files they arrive in")
+    parser.add_argument("--history-files", type=int, default=10_000)
+    parser.add_argument("--history-records", type=int, default=20, help="recordings per history file")
+    parser.add_argument("--sensor-files", type=int, default=100_000)
+    parser.add_argument("--latency-landings", type=int, default=20)
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes, to try the benchmark")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data and logs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.records, args.files, args.history_files, args.sensor_files = 20_000, 20, 200, 2_000
+        args.latency_landings = min(args.latency_landings, 3)
+
+    root = Path(tempfile.mkdtemp(prefix="heartbeat-bench-"))
+    print(f"Working in {root} (logs: {root}/*.log)", flush=True)
+    results: dict = {}
+    try:
+        results["session_start"] = asdict(measure(SESSION_START, dict(os.environ), root / "session.log"))
+        bench_load(root, args, results)
+        bench_history(root, args, results)
+        bench_sensor_tick(root, args, results)
+        if not args.skip_latency:
+            bench_latency(root, args, results)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    )
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip() or None,
+        "machine": machine(),
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("keep",)},
+        "results": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = f"{report['date'][:10]}-{report['commit'] or 'nocommit'}{'-quick' if args.quick else ''}.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\nMachine: {report['machine']}")
+    print(f"Results written to {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
