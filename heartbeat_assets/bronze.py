@@ -320,22 +320,17 @@ def bronze_recordings(
         key = "r" + hashlib.sha1(path.name.encode()).hexdigest()[:16]
         append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
-    latest_landing: dict[str, float] = {}
-
-    def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
+    def write_batch(files: DataFrame, batch_id: int) -> dict[str, float]:
         elements = parse_recordings(files).withColumn("ingested_at", F.current_timestamp()).persist()
         try:
             good = elements.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
             bad = elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
             newest = elements.agg(F.max("source_modified_at")).first()[0]
-            if newest is not None:
-                latest_landing["newest_file_modified_at"] = max(
-                    newest.timestamp(), latest_landing.get("newest_file_modified_at", 0.0)
-                )
             return {
                 "elements_read": elements.count(),
                 "recordings_written": append_batch(good, recordings_table, batch_id),
                 "quarantined": append_batch(bad, quarantine_table, batch_id),
+                **({"max:newest_file_modified_at": newest.timestamp()} if newest is not None else {}),
             }
         finally:
             elements.unpersist()
@@ -352,7 +347,7 @@ def bronze_recordings(
         **report.metadata(),
         "files_read": report.input_rows,
         "files_rejected": len(rejected),
-        **latest_landing,
+        **report.maxima,  # newest_file_modified_at
     }
     yield appended_table_result(
         context, RECORDINGS, recordings_table, elements.select(*RECORDING_COLUMNS),

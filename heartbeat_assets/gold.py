@@ -10,6 +10,7 @@ Sums are exact decimals (heart rates at 1e-6 precision), so averages do not depe
 which recordings arrived.
 """
 
+import functools
 import json
 import shutil
 import time
@@ -207,7 +208,7 @@ class GoldTable:
             aggregate(recordings),
             name=self.name,
             checkpoint=self.checkpoint,
-            write_batch=self._write_snapshot,
+            write_batch=functools.partial(write_snapshot, self.snapshots),
             output_mode="complete",
         )
         snapshot = self._latest_snapshot()
@@ -281,13 +282,6 @@ class GoldTable:
                       "aggregated_rows": in_aggregate, "silver_rows": silver_rows},
         )  # fmt: skip
 
-    def _write_snapshot(self, aggregated: DataFrame, batch_id: int) -> dict[str, int]:
-        aggregated.write.mode("overwrite").parquet(str(self.snapshots / f"batch-{batch_id:012d}"))
-        # Keep this snapshot and the one before; older ones can no longer be needed.
-        for old in sorted(self.snapshots.glob("batch-*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-        return {}
-
     def _latest_snapshot(self) -> Path | None:
         done = [p for p in sorted(self.snapshots.glob("batch-*")) if (p / "_SUCCESS").exists()]
         return done[-1] if done else None
@@ -309,6 +303,16 @@ class GoldTable:
         else:
             self.checkpoint.mkdir(parents=True, exist_ok=True)
             stored.write_text(json.dumps(state))
+
+
+def write_snapshot(snapshots: Path, aggregated: DataFrame, batch_id: int) -> dict[str, int]:
+    """Keep a micro-batch's complete aggregate. A plain function: under Spark Connect the writer is
+    pickled to the server, and a method would drag its object (Dagster context, session) along."""
+    aggregated.write.mode("overwrite").parquet(str(snapshots / f"batch-{batch_id:012d}"))
+    # Keep this snapshot and the one before; older ones can no longer be needed.
+    for old in sorted(snapshots.glob("batch-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return {}
 
 
 GOLD_DEPS = [silver.RECORDINGS, silver.PATIENTS]

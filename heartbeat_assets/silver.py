@@ -14,7 +14,7 @@ from heartbeat_assets.streaming import (
     start_fresh,
     unchanged_results,
 )
-from heartbeat_assets.tables import append_batch, data_files, ensure_exists, replace_table
+from heartbeat_assets.tables import append_batch, data_files, ensure_exists, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
 BRONZE_RECORDINGS_SCHEMA = (
@@ -162,11 +162,10 @@ def silver_patients(
     if (skipped := unchanged_results(context, watch, [PATIENTS])) is not None:
         yield from skipped
         return
-    latest: dict[str, int] = {}
 
     def write_batch(patients: DataFrame, batch_id: int) -> dict[str, int]:
         # Complete mode: every micro-batch carries the whole dimension; the last one is the table.
-        latest["dagster/row_count"] = replace_table(patients, table, {"batch_id": batch_id})
+        replace_table(patients, table, {"batch_id": batch_id})
         return {}
 
     stream = read_table_stream(spark.spark_session, lakehouse, "bronze/patients", BRONZE_PATIENTS_SCHEMA)
@@ -179,6 +178,8 @@ def silver_patients(
         output_mode="complete",
     )
     ensure_exists(dimension, table)
+    # The table's lineage holds the row count of the batch that wrote it last.
+    latest = {"dagster/row_count": read_lineage(table)["rows"]} if report.batches else {}
     yield MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
     yield checks.schema_check("silver/patients", dimension)
     watch.record()
@@ -226,6 +227,8 @@ def silver_recordings(
     recordings_table = lakehouse.table("silver/recordings")
     quarantine_table = lakehouse.table("silver/recordings_quarantine")
 
+    min_time, max_clock_skew_s = config.min_time, config.max_clock_skew_s  # plain values travel well
+
     def write_batch(batch: DataFrame, batch_id: int) -> dict[str, int]:
         batch = batch.persist()
         try:
@@ -234,7 +237,7 @@ def silver_recordings(
             return {
                 "recordings_written": append_batch(valid, recordings_table, batch_id, partition_by=["date"]),
                 "quarantined": append_batch(rejected, quarantine_table, batch_id),
-                **batch_quality(valid, config.min_time, config.max_clock_skew_s),
+                **batch_quality(valid, min_time, max_clock_skew_s),
             }
         finally:
             batch.unpersist()

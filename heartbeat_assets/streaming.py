@@ -7,9 +7,11 @@ the query, waits for it, and sums the query's progress into numbers the Dagster 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,8 @@ class QueryReport:
     input_rows: int = 0
     duration_s: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    #: Values the writer returned under `max:<name>` keys, combined with max over the batches.
+    maxima: dict[str, float] = field(default_factory=dict)
     state_metrics: dict[str, int] = field(default_factory=dict)
     #: Spark's own time per phase of its micro-batches (queryPlanning, addBatch, walCommit, ...).
     phase_ms: dict[str, int] = field(default_factory=dict)
@@ -77,16 +81,20 @@ def run_available_now(
     """Run `df` with `trigger(availableNow=True)` until it has consumed all available input.
 
     `write_batch(batch_df, batch_id)` writes a micro-batch and returns counts (rows written per
-    table, ...), which are summed into the report. The query name is `name` with `/` replaced.
+    table, ...), which are summed into the report (values under `max:<name>` keys are combined with
+    max). The query name is `name` with `/` replaced.
+
+    The counts travel through a file per batch beside the checkpoint, not through this process's
+    memory: with Spark Connect, `write_batch` runs in a Python process of the Connect server (it and
+    everything it refers to are pickled), so it cannot change anything here.
     """
     report = QueryReport(name=name)
+    run_token = uuid.uuid4().hex  # tells this run's batches from those of earlier runs
 
     def on_batch(batch_df: DataFrame, batch_id: int) -> None:
         counts = write_batch(batch_df, batch_id)
+        _record_batch(checkpoint, batch_id, run_token, counts)
         kill_point(f"batch:{name}:written")  # written, but Spark has not committed the batch
-        report.batch_ids.append(batch_id)
-        for key, value in counts.items():
-            report.counts[key] = report.counts.get(key, 0) + int(value)
 
     started = time.monotonic()
     try:
@@ -103,8 +111,16 @@ def run_available_now(
         raise _query_failure(name, checkpoint, exc) from exc
     report.duration_s = time.monotonic() - started
     for progress in query.recentProgress:
-        if progress.batchId not in report.batch_ids:
+        counts = _recorded_batch(checkpoint, progress.batchId, run_token)
+        if counts is None:  # no data, so no batch was run
             continue
+        report.batch_ids.append(progress.batchId)
+        for key, value in counts.items():
+            if key.startswith("max:"):
+                metric = key.removeprefix("max:")
+                report.maxima[metric] = max(float(value), report.maxima.get(metric, float(value)))
+            else:
+                report.counts[key] = report.counts.get(key, 0) + int(value)
         report.input_rows += progress.numInputRows
         for phase, ms in (progress.durationMs or {}).items():
             report.phase_ms[phase] = report.phase_ms.get(phase, 0) + int(ms)
@@ -112,7 +128,39 @@ def run_available_now(
             for key, value in (operator.customMetrics or {}).items():
                 if key.startswith("numDropped"):
                     report.state_metrics[key] = report.state_metrics.get(key, 0) + int(value)
+    _prune_batch_records(checkpoint)
     return report
+
+
+#: Folder beside a query's checkpoint data where each micro-batch's counts are recorded.
+BATCH_RECORDS = "_batch_counts"
+#: Records of this many of the latest batches are kept.
+KEEP_BATCH_RECORDS = 100
+
+
+def _record_batch(checkpoint: Path, batch_id: int, run_token: str, counts: dict) -> None:
+    """Record what micro-batch `batch_id` wrote, atomically; a re-run of the batch replaces it."""
+    folder = Path(checkpoint) / BATCH_RECORDS
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{batch_id:012d}.json"
+    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"run": run_token, "counts": counts}))
+    os.replace(tmp, target)
+
+
+def _recorded_batch(checkpoint: Path, batch_id: int, run_token: str) -> dict | None:
+    """The counts micro-batch `batch_id` recorded in the run with `run_token`, or None."""
+    try:
+        record = json.loads((Path(checkpoint) / BATCH_RECORDS / f"{batch_id:012d}.json").read_text())
+    except FileNotFoundError:
+        return None
+    return record["counts"] if record.get("run") == run_token else None
+
+
+def _prune_batch_records(checkpoint: Path) -> None:
+    records = sorted((Path(checkpoint) / BATCH_RECORDS).glob("*.json"))
+    for old in records[:-KEEP_BATCH_RECORDS]:
+        old.unlink(missing_ok=True)
 
 
 # Errors Spark raises when a checkpoint was written by a different query (another plan, state schema

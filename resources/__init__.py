@@ -14,6 +14,8 @@ def resources_from_env(environ=os.environ) -> dict:
 
     - `HEARTBEAT_DATA_DIR`: the data root (default: the project's `data/`).
     - `HEARTBEAT_SPARK_MASTER`: Spark master URL (default `local[*]`), e.g. `spark://host:7077`.
+    - `HEARTBEAT_SPARK_REMOTE`: a Spark Connect server, `sc://host:port`, instead of a master (an
+      `sc://` URL in `HEARTBEAT_SPARK_MASTER` means the same).
     - `HEARTBEAT_SPARK_CONF`: a JSON object of extra `spark.*` settings.
     - `HEARTBEAT_TABLE_PREVIEWS`: `0` keeps rows of gold tables (patient names) out of Dagster.
     - `HEARTBEAT_SPARK_LOG_LEVEL`: Spark's log level (default WARN; INFO or DEBUG to see more).
@@ -29,8 +31,18 @@ def resources_from_env(environ=os.environ) -> dict:
     spark_options = {}
     if environ.get("HEARTBEAT_SPARK_LOG_LEVEL"):
         spark_options["log_level"] = environ["HEARTBEAT_SPARK_LOG_LEVEL"]
-    if environ.get("HEARTBEAT_SPARK_MASTER"):
-        spark_options["master"] = environ["HEARTBEAT_SPARK_MASTER"]
+    master, remote = environ.get("HEARTBEAT_SPARK_MASTER"), environ.get("HEARTBEAT_SPARK_REMOTE")
+    if master and master.startswith("sc://") and not remote:
+        master, remote = None, master
+    if master and remote:
+        raise ValueError(
+            "Both HEARTBEAT_SPARK_MASTER and HEARTBEAT_SPARK_REMOTE are set: with Spark Connect the "
+            "server's master applies. Unset one of them."
+        )
+    if master:
+        spark_options["master"] = master
+    if remote:
+        spark_options["remote"] = remote
     if environ.get("HEARTBEAT_SPARK_CONF"):
         try:
             spark_config = json.loads(environ["HEARTBEAT_SPARK_CONF"])

@@ -10,9 +10,10 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from dagster import ConfigurableResource, Failure
-from pydantic import Field
+from pydantic import Field, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR_ENV = "HEARTBEAT_DATA_DIR"
@@ -54,7 +55,10 @@ class LakehouseResource(ConfigurableResource):
 
     data_dir: str = Field(
         default_factory=default_data_dir,
-        description="Root folder of the lakehouse; defaults to $HEARTBEAT_DATA_DIR or the project's data/.",
+        validate_default=True,
+        description="Root folder of the lakehouse: a path or a file:// URI, on storage that the Dagster run, "
+        "the Spark driver (or Connect server) and every executor see at the same path. "
+        "Defaults to $HEARTBEAT_DATA_DIR or the project's data/.",
     )
 
     table_previews: bool = Field(
@@ -71,6 +75,11 @@ class LakehouseResource(ConfigurableResource):
         default=0.2,
         description="The quarantine_rate checks fail when a run quarantines more than this share.",
     )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _local_path(cls, value: str) -> str:
+        return local_data_dir(value)
 
     @property
     def root(self) -> Path:
@@ -187,6 +196,31 @@ class LakehouseResource(ConfigurableResource):
         tmp_marker.write_text(json.dumps({"root": str(self.root)}))
         os.replace(tmp_marker, marker)
         return changed
+
+
+def local_data_dir(value: str) -> str:
+    """The data root as a local path: a path, or a `file://` URI turned into one.
+
+    Object stores and other remote file systems are refused with the remedy: the table writers and
+    the run lock use POSIX file operations (atomic renames, `flock`) on the data root.
+    """
+    scheme = urlparse(value).scheme
+    if not scheme:
+        return value
+    if scheme == "file":
+        uri = urlparse(value)
+        if uri.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"The data root {value!r} names host {uri.netloc!r}; a file:// data root must be local "
+                "(file:///path). Mount the shared folder on this machine and use its path."
+            )
+        return unquote(uri.path)
+    raise ValueError(
+        f"The data root {value!r} is on {scheme}://, which this lakehouse does not support as its data "
+        "root: its table writers rename files atomically and each run locks the data root, both with "
+        "POSIX file operations. Mount shared POSIX storage (e.g. NFS) at the same path on the Dagster "
+        f"run, the Spark driver or Connect server and every executor, and set {DATA_DIR_ENV} to that path."
+    )
 
 
 def _check_table(name: str) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from contextlib import ExitStack
 from typing import Any
+from urllib.parse import urlparse
 
-from dagster import Failure, InitResourceContext
+from dagster import Failure, InitResourceContext, get_dagster_logger
 from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from resources.lakehouse import LakehouseResource
 
@@ -38,19 +40,36 @@ LOCAL_DEFAULTS: dict[str, str] = {
 }
 
 
+#: The Spark Connect server's default port.
+CONNECT_DEFAULT_PORT = 15002
+
+
 class SparkSessionResource(LazyPySparkResource):
     """One SparkSession per run, built on dagster-pyspark's `LazyPySparkResource`.
 
     The session starts when an asset first needs it (a run in which no query has new input never
     starts a JVM) and stops when the run ends. The run holds the lakehouse lock from start to end, so
     a second run cannot drive queries on the same checkpoints.
+
+    With `master` the run is the Spark driver (local, or a cluster's: `spark://`, `yarn`, `k8s://`).
+    With `remote` it is a client of a Spark Connect server, which runs the queries; the server's
+    master, executors and settings apply, and this run sets only `spark.sql.*` settings.
     """
 
     lakehouse: LakehouseResource
     spark_config: dict[str, Any] = Field(
         default_factory=dict, description="Extra `spark.*` settings; they win over every default."
     )
-    master: str = Field(default="local[*]", description="Spark master URL.")
+    master: str = Field(
+        default="local[*]",
+        description="Spark master URL, passed to Spark as is: local[*], spark://host:7077, yarn, "
+        "k8s://https://host:port. Ignored with `remote`.",
+    )
+    remote: str | None = Field(
+        default=None,
+        description="Spark Connect server URL, sc://host:port: the run connects to it instead of "
+        "starting a driver. The server must be able to import this project (see the README).",
+    )
     app_name: str = "heartbeat-lakehouse"
     shuffle_partitions: int = Field(
         default_factory=lambda: os.cpu_count() or 2,
@@ -65,6 +84,20 @@ class SparkSessionResource(LazyPySparkResource):
 
     _exit_stack: ExitStack | None = PrivateAttr(default=None)
 
+    @field_validator("master")
+    @classmethod
+    def _not_connect(cls, value: str) -> str:
+        if value.startswith("sc://"):
+            raise ValueError(f"{value} is a Spark Connect URL: set it as `remote`, not as the master.")
+        return value
+
+    @field_validator("remote")
+    @classmethod
+    def _connect_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("sc://"):
+            raise ValueError(f"The Spark Connect URL {value!r} must look like sc://host:port.")
+        return value
+
     def session_config(self) -> dict[str, str]:
         config = {
             **LOCAL_DEFAULTS,
@@ -76,13 +109,27 @@ class SparkSessionResource(LazyPySparkResource):
         config.update({key: str(value) for key, value in self.spark_config.items()})
         return config
 
+    def connect_config(self) -> dict[str, str]:
+        """What a Spark Connect client may set: the session's SQL settings (the rest is the server's)."""
+        return {key: value for key, value in self.session_config().items() if key.startswith("spark.sql.")}
+
     def setup_for_execution(self, context: InitResourceContext) -> None:
         stack = ExitStack()
         stack.enter_context(self.lakehouse.exclusive_lock())
         self._exit_stack = stack
 
     def _init_session(self) -> None:
-        if self._spark_session is None:
+        if self._spark_session is not None:
+            return
+        if self.remote:
+            self._spark_session = build_connect_session(self.remote, self.connect_config())
+            server_side = sorted(key for key in self.spark_config if not key.startswith("spark.sql."))
+            if server_side:
+                get_dagster_logger().warning(
+                    f"Spark Connect: {', '.join(server_side)} are settings of the Connect server and "
+                    "do not apply to this run; pass them to start-connect-server.sh with --conf."
+                )
+        else:
             self._spark_session = build_spark_session(self.session_config())
             self._spark_session.sparkContext.setLogLevel(self.log_level)
 
@@ -96,8 +143,11 @@ class SparkSessionResource(LazyPySparkResource):
 
 
 def build_spark_session(config: dict[str, str]):
-    """Create (or reuse) the SparkSession; fail with a remedy when Java is missing."""
-    if config.get("spark.master", "").startswith("local") and not _java_available():
+    """Create (or reuse) the SparkSession; fail with a remedy when Java is missing.
+
+    This process is the Spark driver, whatever the master, so it needs Java.
+    """
+    if not _java_available():
         raise Failure(
             "Spark needs Java 17 but no `java` was found on PATH and JAVA_HOME is not set. "
             "Install it (Debian/Ubuntu: `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
@@ -111,6 +161,32 @@ def build_spark_session(config: dict[str, str]):
                 "JAVA_HOME points at it."
             ) from exc
         raise
+
+
+def build_connect_session(url: str, config: dict[str, str]):
+    """A Spark Connect session on the server at `url`, with the session settings `config`.
+
+    Fails fast, with what to do, when the client libraries are missing or the server is unreachable.
+    """
+    try:
+        import pyspark.sql.connect.session  # noqa: F401  (grpcio, pandas, pyarrow, ...)
+    except ImportError as exc:
+        raise Failure(
+            f"Spark Connect needs its client libraries ({exc}). Install them with "
+            "`pip install -e '.[connect]'` (the `connect` extra of this project)."
+        ) from exc
+    parsed = urlparse(url.split(";", 1)[0])
+    host, port = parsed.hostname or "localhost", parsed.port or CONNECT_DEFAULT_PORT
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        raise Failure(
+            f"Cannot reach the Spark Connect server at {host}:{port} ({exc}). Start it (see the README, "
+            "'Run on a cluster') or fix HEARTBEAT_SPARK_REMOTE."
+        ) from exc
+    from pyspark.sql import SparkSession
+
+    return SparkSession.builder.remote(url).config(map=config).getOrCreate()
 
 
 def _java_available() -> bool:

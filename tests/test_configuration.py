@@ -1,6 +1,7 @@
 """Bad configuration fails fast with a message that says what to do."""
 
 import os
+import socket
 import stat
 
 import pytest
@@ -8,7 +9,7 @@ from dagster import Failure
 
 from resources import LakehouseResource, SparkSessionResource, resources_from_env
 from resources.lakehouse import LakehouseBusyError
-from resources.spark import build_spark_session
+from resources.spark import build_connect_session, build_spark_session
 
 
 def test_unwritable_data_root_says_what_to_do(tmp_path):
@@ -76,3 +77,48 @@ def test_resources_from_the_environment(tmp_path):
     assert config["spark.master"] == "spark://cluster:7077" and config["spark.executor.memory"] == "4g"
     with pytest.raises(ValueError, match="HEARTBEAT_SPARK_CONF must be a JSON object"):
         resources_from_env({"HEARTBEAT_SPARK_CONF": "executor.memory=4g"})
+
+
+def test_data_root_as_a_file_uri(tmp_path):
+    folder = tmp_path / "a lake"
+    assert LakehouseResource(data_dir=folder.as_uri()).root == folder.resolve()
+    assert resources_from_env({"HEARTBEAT_DATA_DIR": folder.as_uri()})["lakehouse"].root == folder.resolve()
+
+
+@pytest.mark.parametrize("uri", ["s3a://bucket/lake", "abfss://lake@account.dfs.core.windows.net/data"])
+def test_object_store_data_root_says_what_to_do(uri):
+    with pytest.raises(ValueError, match="does not support.*Mount shared POSIX storage.*HEARTBEAT_DATA_DIR"):
+        resources_from_env({"HEARTBEAT_DATA_DIR": uri})
+
+
+def test_cluster_masters_are_passed_to_spark(tmp_path):
+    for master in ("spark://10.0.0.5:7077", "yarn", "k8s://https://k8s.example:6443"):
+        env = {"HEARTBEAT_DATA_DIR": str(tmp_path), "HEARTBEAT_SPARK_MASTER": master}
+        resources = resources_from_env(env)
+        assert resources["spark"].session_config()["spark.master"] == master
+        assert resources["spark"].remote is None
+
+
+def test_spark_connect_from_the_environment(tmp_path):
+    env = {"HEARTBEAT_DATA_DIR": str(tmp_path)}
+    spark = resources_from_env({**env, "HEARTBEAT_SPARK_REMOTE": "sc://connect.example:15002"})["spark"]
+    assert spark.remote == "sc://connect.example:15002"
+    # A client sets only the session's SQL settings; the rest belongs to the server.
+    config = spark.connect_config()
+    assert config["spark.sql.session.timeZone"] == "UTC"
+    assert "RocksDB" in config["spark.sql.streaming.stateStore.providerClass"]
+    assert all(key.startswith("spark.sql.") for key in config)
+    # An sc:// master means the same.
+    assert resources_from_env({**env, "HEARTBEAT_SPARK_MASTER": "sc://h:1"})["spark"].remote == "sc://h:1"
+    with pytest.raises(ValueError, match="Both HEARTBEAT_SPARK_MASTER and HEARTBEAT_SPARK_REMOTE"):
+        resources_from_env({**env, "HEARTBEAT_SPARK_MASTER": "yarn", "HEARTBEAT_SPARK_REMOTE": "sc://h:1"})
+    with pytest.raises(ValueError, match="must look like sc://host:port"):
+        resources_from_env({**env, "HEARTBEAT_SPARK_REMOTE": "spark://h:7077"})
+
+
+def test_unreachable_spark_connect_server_says_what_to_do():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    with pytest.raises(Failure, match=f"Cannot reach the Spark Connect server at 127.0.0.1:{port}"):
+        build_connect_session(f"sc://127.0.0.1:{port}", {})

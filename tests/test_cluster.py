@@ -1,0 +1,346 @@
+"""The same project on a Spark standalone cluster and through Spark Connect, driven by Dagster.
+
+Both start real servers on 127.0.0.1 from the scripts and jars the pyspark package ships: one
+master and two workers (one core each), or a Spark Connect server. The medallion runs as a user would
+run it, `dagster asset materialize` in a fresh process with only environment variables changed; its
+gold must equal a local run's on the same landed files and the independent oracle. The pytest
+process keeps its own local SparkSession (conftest) for the local run and for reading tables back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyspark
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from heartbeat_assets.simulator import Faults, Simulator
+from resources.spark import LOCAL_DEFAULTS
+from tests.conftest import Lakehouse
+from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SPARK_HOME = Path(pyspark.__file__).resolve().parent
+GOLD = ["gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/device_signal_loss"]
+APP_NAME = "heartbeat-cluster-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spark_env(**extra: str) -> dict[str, str]:
+    """Environment for Spark's scripts: this pyspark as SPARK_HOME, loopback only, this venv's Python."""
+    return {
+        **os.environ,
+        "SPARK_HOME": str(SPARK_HOME),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        **extra,
+    }
+
+
+def wait_until(condition, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} does not exist)"
+
+
+# The data: a few files with faults, landed once; every run gets its own copy of the data root.
+
+
+@pytest.fixture(scope="module")
+def landed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("landed") / "data"
+    sim = Simulator(root, seed=11, patients=4, devices=3)
+    sim.land_patients()
+    sim.land_recordings(files=3, records=60, faults=Faults(malformed=0.03, duplicates=0.05, signal_gaps=0.5))
+    return root
+
+
+def copy_of(landed: Path, parent: Path) -> Path:
+    data = parent / "data"
+    shutil.copytree(landed, data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def local_gold(landed, tmp_path_factory, spark) -> dict[str, list]:
+    """Gold of a local run (this process's local[2] session) on the same files."""
+    lakehouse = Lakehouse(copy_of(landed, tmp_path_factory.mktemp("local")), spark)
+    lakehouse.run()
+    return gold_of(lakehouse)
+
+
+def gold_of(lakehouse: Lakehouse) -> dict[str, list]:
+    return {name: rows for name, rows in lakehouse.contents().items() if name in GOLD}
+
+
+def materialize(tmp_path: Path, data: Path, env: dict[str, str]) -> DagsterInstance:
+    """`dagster asset materialize --select '*'` in a fresh process, as in production; its instance."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT / "dagster_home" / "dagster.yaml", home)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        completed = subprocess.run(
+            [str(BIN / "dagster"), "asset", "materialize", "-m", "heartbeat_assets", "--select", "*"],
+            cwd=PROJECT,
+            env=spark_env(HEARTBEAT_DATA_DIR=str(data), DAGSTER_HOME=str(home), **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
+    assert completed.returncode == 0, tail(log, 6000)
+    assert "RUN_SUCCESS" in log.read_text()
+    return DagsterInstance.from_config(str(home))
+
+
+def metadata(instance: DagsterInstance, table: str) -> dict:
+    event = instance.get_latest_materialization_event(AssetKey(table.split("/")))
+    assert event is not None, f"{table} was not materialized"
+    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
+
+
+def assert_gold_as_local_and_oracle(data: Path, spark, local_gold: dict) -> None:
+    lakehouse = Lakehouse(data, spark)
+    assert gold_of(lakehouse) == local_gold
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+    assert expected.silver, "the run had recordings to process"
+
+
+def assert_counts_reported(instance: DagsterInstance) -> None:
+    """The per-batch counts made it back to the Dagster run (they are written where the batch runs)."""
+    bronze = metadata(instance, "bronze/recordings")
+    assert bronze["micro_batches"] >= 1 and bronze["elements_read"] > 0
+    assert bronze["elements_read"] == bronze["recordings_written"] + bronze["quarantined"]
+    assert bronze["newest_file_modified_at"] > 0
+    silver = metadata(instance, "silver/recordings")
+    assert silver["bronze_rows_read"] == bronze["recordings_written"]
+    assert silver["unaccounted_rows"] == 0 and silver["recordings_written"] > 0
+    assert metadata(instance, "silver/patients")["dagster/row_count"] > 0
+
+
+# A standalone cluster: one master, two workers.
+
+
+@dataclass
+class StandaloneCluster:
+    url: str
+    web_ui: str
+    workers: list[Path]  # each worker's work dir: <app id>/<executor id>/ for every executor it ran
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"{self.web_ui}/json/", timeout=10) as response:
+            return json.load(response)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standalone")
+    # No REST submission server (it would take the fixed port 6066); nothing else differs from defaults.
+    properties = root / "spark-defaults.conf"
+    properties.write_text("spark.master.rest.enabled false\n")
+    port, ui_port = free_port(), free_port()
+    spark_class = str(SPARK_HOME / "bin" / "spark-class")
+    env = spark_env(SPARK_LOG_DIR=str(root / "logs"))
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:
+        command = [spark_class, *args, "--properties-file", str(properties)]
+        with open(root / f"{name}.log", "w") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+        processes.append(process)
+
+    cluster = StandaloneCluster(
+        url=f"spark://127.0.0.1:{port}",
+        web_ui=f"http://127.0.0.1:{ui_port}",
+        workers=[root / "worker-1", root / "worker-2"],
+    )
+
+    def alive_workers() -> int:
+        try:
+            return cluster.status()["aliveworkers"]
+        except OSError:
+            return -1
+
+    try:
+        start("master", "org.apache.spark.deploy.master.Master",
+              "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui_port))  # fmt: skip
+        if not wait_until(lambda: alive_workers() >= 0, 120):
+            pytest.skip(f"the Spark master did not start: {tail(root / 'master.log')}")
+        for n, work_dir in enumerate(cluster.workers, 1):
+            work_dir.mkdir()
+            start(f"worker-{n}", "org.apache.spark.deploy.worker.Worker",
+                  "--host", "127.0.0.1", "--cores", "1", "--memory", "1g", "--webui-port", "0",
+                  "--work-dir", str(work_dir), cluster.url)  # fmt: skip
+        if not wait_until(lambda: alive_workers() == 2, 120):
+            pytest.skip(f"the Spark workers did not register: {tail(root / 'worker-1.log')}")
+        yield cluster
+    finally:
+        for process in reversed(processes):
+            stop_group(process)
+
+
+def spark_events(event_log_dir: Path):
+    """The events of Spark's event logs in a folder (one file per application, or rolled files in a
+    folder per application; a running application's log is flushed at every streaming event)."""
+    for log in sorted(event_log_dir.rglob("*")):
+        if log.is_file() and not log.name.startswith((".", "appstatus")):
+            for line in log.read_text().splitlines():
+                yield json.loads(line)
+
+
+def executors_that_ran_tasks(event_log_dir: Path) -> tuple[str, dict[str, int]]:
+    """The application id and the tasks each executor finished, from the application's event log."""
+    app_id, tasks = None, {}
+    for event in spark_events(event_log_dir):
+        if event["Event"] == "SparkListenerApplicationStart":
+            app_id = event["App ID"]
+        elif event["Event"] == "SparkListenerTaskEnd" and event["Task End Reason"]["Reason"] == "Success":
+            executor = event["Task Info"]["Executor ID"]
+            tasks[executor] = tasks.get(executor, 0) + 1
+    return app_id, tasks
+
+
+def test_medallion_on_a_standalone_cluster(standalone_cluster, landed, local_gold, tmp_path, spark):
+    data = copy_of(landed, tmp_path)
+    event_log = tmp_path / "spark-events"
+    event_log.mkdir()
+    spark_conf = {
+        "spark.app.name": APP_NAME,
+        "spark.executor.memory": "512m",
+        # The application's own record of where each task ran.
+        "spark.eventLog.enabled": "true",
+        "spark.eventLog.dir": event_log.as_uri(),
+        "spark.eventLog.compress": "false",
+    }
+    instance = materialize(
+        tmp_path,
+        data,
+        {"HEARTBEAT_SPARK_MASTER": standalone_cluster.url, "HEARTBEAT_SPARK_CONF": json.dumps(spark_conf)},
+    )
+
+    # The work ran on executors of both workers, none of it in the driver (as it would in local mode).
+    app_id, tasks = executors_that_ran_tasks(event_log)
+    assert "driver" not in tasks and len(tasks) == 2 and all(n > 0 for n in tasks.values()), tasks
+    ran_on = {
+        executor: worker.name
+        for worker in standalone_cluster.workers
+        for executor in (p.name for p in (worker / app_id).iterdir())
+    }
+    assert sorted(ran_on[executor] for executor in tasks) == ["worker-1", "worker-2"], ran_on
+    (app,) = [a for a in standalone_cluster.status()["completedapps"] if a["id"] == app_id]
+    assert app["name"] == APP_NAME and app["cores"] == 2 and app["state"] == "FINISHED"
+
+    assert_counts_reported(instance)
+    assert_gold_as_local_and_oracle(data, spark, local_gold)
+
+
+# A Spark Connect server.
+
+
+@pytest.fixture(scope="module")
+def connect_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("connect")
+    port = free_port()
+    # spark-daemon.sh keeps its pid file and log here; PYSPARK_PYTHON runs the foreachBatch writers,
+    # which import this project.
+    env = spark_env(
+        SPARK_LOG_DIR=str(root / "logs"),
+        SPARK_PID_DIR=str(root / "pids"),
+        SPARK_IDENT_STRING="heartbeat-test",
+    )
+    server_conf = {
+        **LOCAL_DEFAULTS,
+        "spark.connect.grpc.binding.address": "127.0.0.1",
+        "spark.connect.grpc.binding.port": str(port),
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "2",
+        # The server's record of the streaming queries it ran.
+        "spark.eventLog.enabled": "true",
+        "spark.eventLog.dir": (root / "events").as_uri(),
+        "spark.eventLog.compress": "false",
+    }
+    (root / "events").mkdir()
+    command = [str(SPARK_HOME / "sbin" / "start-connect-server.sh"), "--master", "local[2]"]
+    for key, value in server_conf.items():
+        command += ["--conf", f"{key}={value}"]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    stop = [str(SPARK_HOME / "sbin" / "stop-connect-server.sh")]
+    try:
+        logs = sorted((root / "logs").glob("*.out"))
+        if started.returncode != 0 or not wait_until(listening, 180):
+            pytest.skip(
+                "the Spark Connect server did not start: "
+                f"{started.stdout}{started.stderr}{tail(logs[0]) if logs else ''}"
+            )
+        yield f"sc://127.0.0.1:{port}", root / "events"
+    finally:
+        subprocess.run(stop, env=env, capture_output=True, timeout=120)
+
+
+def streaming_queries_run(event_log_dir: Path) -> set[str]:
+    """Names of the streaming queries the server's event log shows as started."""
+    return {
+        event["name"]
+        for event in spark_events(event_log_dir)
+        if event["Event"].endswith("StreamingQueryListener$QueryStartedEvent")
+    }
+
+
+def test_medallion_through_spark_connect(connect_server, landed, local_gold, tmp_path, spark):
+    url, server_events = connect_server
+    data = copy_of(landed, tmp_path)
+    # A server-side setting from the environment is not applied by the client, and the run says so.
+    env = {"HEARTBEAT_SPARK_REMOTE": url, "HEARTBEAT_SPARK_CONF": json.dumps({"spark.executor.memory": "1g"})}
+    instance = materialize(tmp_path, data, env)
+    assert "spark.executor.memory are settings of the Connect server" in (tmp_path / "run.log").read_text()
+
+    # The server ran every query (availableNow, foreachBatch writers in its Python workers).
+    assert streaming_queries_run(server_events) >= {
+        "bronze_recordings", "bronze_patients", "silver_patients", "silver_recordings",
+        "gold_heartrate_by_patient", "gold_daily_patient_avg", "gold_device_signal_loss",
+    }  # fmt: skip
+    assert_counts_reported(instance)
+    assert_gold_as_local_and_oracle(data, spark, local_gold)
