@@ -34,8 +34,13 @@ LOCAL_DEFAULTS: dict[str, str] = {
         "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
     ),
     "spark.driver.extraJavaOptions": "-Dlog4j2.level=WARN",
-    # A bounded heap keeps the whole run (Python, JVM, RocksDB) under 1.5 GiB on a 2M-record load;
-    # without it the JVM grows towards a quarter of the machine's memory.
+    # Listing files without per-file work: Hadoop's local file system starts a process for each
+    # file whose permissions are asked for (locality does), and more than `threshold` paths are
+    # listed by a Spark job with one task per file. A batch of 5,000 landed files went from ~26 s to
+    # ~5 s with both (measured here).
+    "spark.sql.sources.ignoreDataLocality": "true",
+    "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
+    # A bounded heap; without it the JVM grows towards a quarter of the machine's memory.
     "spark.driver.memory": "1g",
 }
 
