@@ -32,7 +32,7 @@ from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import DataFrame
 
 from heartbeat_assets.killpoints import kill_point
-from heartbeat_assets.tables import ensure_exists
+from heartbeat_assets.tables import ensure_exists, write_atomically
 
 BatchWriter = Callable[[DataFrame, int], dict[str, int]]
 
@@ -140,12 +140,8 @@ KEEP_BATCH_RECORDS = 100
 
 def _record_batch(checkpoint: Path, batch_id: int, run_token: str, counts: dict) -> None:
     """Record what micro-batch `batch_id` wrote, atomically; a re-run of the batch replaces it."""
-    folder = Path(checkpoint) / BATCH_RECORDS
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{batch_id:012d}.json"
-    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"run": run_token, "counts": counts}))
-    os.replace(tmp, target)
+    target = Path(checkpoint) / BATCH_RECORDS / f"{batch_id:012d}.json"
+    write_atomically(target, json.dumps({"run": run_token, "counts": counts}))
 
 
 def _recorded_batch(checkpoint: Path, batch_id: int, run_token: str) -> dict | None:
@@ -234,12 +230,8 @@ class InputWatch:
 
     def record(self) -> None:
         """Remember the inputs as seen before the query ran (call after it completed)."""
-        if self.mark is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.FILE}.tmp")
-        tmp.write_text(self.mark)
-        os.replace(tmp, self.path)
+        if self.mark is not None:
+            write_atomically(self.path, self.mark)
 
 
 def unchanged_results(

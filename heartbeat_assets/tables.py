@@ -155,6 +155,12 @@ def read_lineage(table: Path) -> dict | None:
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, sort_keys=True))
+    write_atomically(path, json.dumps(payload, sort_keys=True))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` by a rename: readers see the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
