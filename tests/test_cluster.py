@@ -27,7 +27,7 @@ from dagster import AssetKey, DagsterInstance
 
 from heartbeat_assets.simulator import Faults, Simulator
 from resources.spark import LOCAL_DEFAULTS
-from tests.conftest import Lakehouse
+from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -35,12 +35,6 @@ BIN = Path(sys.executable).parent
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
 GOLD = ["gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/device_signal_loss"]
 APP_NAME = "heartbeat-cluster-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spark_env(**extra: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from heartbeat_assets.simulator import Simulator
-from tests.conftest import Lakehouse
+from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle
 
 NOT_INSTALLED = "dagster-postgres is not installed (pip install -e .[postgres])"
@@ -58,12 +57,6 @@ def server_account() -> pwd.struct_passwd | None:
         except KeyError:
             continue
     pytest.skip("running as root, and no 'postgres' or 'nobody' account to run PostgreSQL as")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from heartbeat_assets.simulator import Simulator
+from tests.conftest import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 ARTIFACTS = PROJECT / "test-artifacts" / "ui"
@@ -30,12 +30,6 @@ playwright = pytest.importorskip(
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason="Chromium not found: apt-get install chromium (.ci/run does)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def graphql(url: str, query: str) -> dict:
