@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, asset, multi_asset
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import checks
@@ -321,16 +321,28 @@ def bronze_recordings(
         append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
     def write_batch(files: DataFrame, batch_id: int) -> dict[str, float]:
+        # Parsed once (the first write caches it); each write counts its rows and notes the newest
+        # file as it goes, so a batch costs two Spark jobs.
         elements = parse_recordings(files).withColumn("ingested_at", F.current_timestamp()).persist()
         try:
-            good = elements.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
-            bad = elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
-            newest = elements.agg(F.max("source_modified_at")).first()[0]
+            good, bad = Observation(), Observation()
+            newest = F.max("source_modified_at").alias("newest")
+            written = append_batch(
+                elements.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS).observe(good, newest),
+                recordings_table,
+                batch_id,
+            )
+            quarantined = append_batch(
+                elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS).observe(bad, newest),
+                quarantine_table,
+                batch_id,
+            )
+            landed = [t for t in (good.get["newest"], bad.get["newest"]) if t is not None]
             return {
-                "elements_read": elements.count(),
-                "recordings_written": append_batch(good, recordings_table, batch_id),
-                "quarantined": append_batch(bad, quarantine_table, batch_id),
-                **({"max:newest_file_modified_at": newest.timestamp()} if newest is not None else {}),
+                "elements_read": written + quarantined,
+                "recordings_written": written,
+                "quarantined": quarantined,
+                **({"max:newest_file_modified_at": max(landed).timestamp()} if landed else {}),
             }
         finally:
             elements.unpersist()

@@ -19,7 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
+from pyspark.sql import functions as F
 from pyspark.sql.types import DateType
 
 from heartbeat_assets.killpoints import kill_point
@@ -43,21 +44,22 @@ def data_files(table: Path) -> list[Path]:
     return sorted(found)
 
 
-def _stage(df: DataFrame, table: Path, name: str, partition_by: list[str] | None, single_file: bool) -> Path:
+def _stage(
+    df: DataFrame, table: Path, name: str, partition_by: list[str] | None, single_file: bool
+) -> tuple[Path, int]:
+    """Write `df` to `<table>/_staging/<name>`; the folder and the number of rows written.
+
+    The rows are counted while they are written (an observed metric), not by a second job.
+    """
     staging = table / "_staging" / name
     shutil.rmtree(staging, ignore_errors=True)
+    written = Observation()
+    df = df.observe(written, F.count(F.lit(1)).alias("rows"))
     writer = (df.coalesce(1) if single_file else df).write.mode("overwrite")
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     writer.parquet(str(staging))
-    return staging
-
-
-def _staged_rows(df: DataFrame, staging: Path) -> int:
-    """Rows in the staged files, from their Parquet footers (no rescan of the data)."""
-    if not data_files(staging):
-        return 0
-    return df.sparkSession.read.parquet(str(staging)).count()
+    return staging, written.get["rows"]
 
 
 def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[str] | None = None) -> int:
@@ -71,8 +73,7 @@ def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[s
 def append_rows(df: DataFrame, table: Path, key: str, partition_by: list[str] | None = None) -> int:
     """Append `df` to `table` under `key`, replacing whatever an earlier call with that key wrote."""
     name = _name(table)
-    staging = _stage(df, table, f"rows-{key}", partition_by, single_file=False)
-    rows = _staged_rows(df, staging)
+    staging, rows = _stage(df, table, f"rows-{key}", partition_by, single_file=False)
     kill_point(f"append:{name}:staged")
     prefix = f"part-{key}-"
     for old in data_files(table):
@@ -105,7 +106,7 @@ def ensure_exists(df: DataFrame, table: Path, partition_by: list[str] | None = N
         return
     spark = df.sparkSession
     empty = spark.createDataFrame([], df.schema).drop(*(partition_by or []))
-    staging = _stage(empty, table, "empty", None, single_file=True)
+    staging, _ = _stage(empty, table, "empty", None, single_file=True)
     types = {field.name: field.dataType for field in df.schema.fields}
     folder = table.joinpath(
         *(
@@ -130,8 +131,7 @@ def _remove_empty_placeholder(table: Path) -> None:
 
 def replace_table(df: DataFrame, table: Path, lineage: dict) -> int:
     """Atomically replace `table` with `df` as one Parquet file; record what it was built from."""
-    staging = _stage(df, table, "replace", None, single_file=True)
-    rows = _staged_rows(df, staging)
+    staging, rows = _stage(df, table, "replace", None, single_file=True)
     (staged_file,) = data_files(staging)
     kill_point(f"replace:{_name(table)}:staged")
     os.replace(staged_file, table / TABLE_FILE)
