@@ -46,9 +46,10 @@ def _java_binary() -> str | None:
 class ClassArchive:
     """The archive for this Java and this pyspark, and the driver options that use or create it."""
 
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, java_options: str = ""):
         java = _java_binary()
-        stamp = f"{java}:{os.stat(java).st_mtime_ns if java else 0}:{pyspark.__version__}"
+        # Options such as the heap size or the collector can make a JVM refuse an archive.
+        stamp = f"{java}:{os.stat(java).st_mtime_ns if java else 0}:{pyspark.__version__}:{java_options}"
         key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
         self.path = cache_dir / f"spark-driver-{key}.jsa"
         self._part = cache_dir / f".spark-driver-{key}.{os.getpid()}.part"
