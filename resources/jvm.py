@@ -37,7 +37,7 @@ def default_cache_dir() -> Path | None:
     return Path(base) / "heartbeat-lakehouse" / "jvm"
 
 
-def _java_binary() -> str | None:
+def java_binary() -> str | None:
     """The `java` that spark-submit will start (JAVA_HOME first, as Spark's launcher does)."""
     java_home = os.environ.get("JAVA_HOME")
     if java_home and os.path.exists(os.path.join(java_home, "bin", "java")):
@@ -50,7 +50,7 @@ class ClassArchive:
     """The archive for this Java and this pyspark, and the driver options that use or create it."""
 
     def __init__(self, cache_dir: Path, java_options: str = ""):
-        java = _java_binary()
+        java = java_binary()
         # Options such as the heap size or the collector can make a JVM refuse an archive.
         stamp = f"{java}:{os.stat(java).st_mtime_ns if java else 0}:{pyspark.__version__}:{java_options}"
         key = hashlib.sha256(stamp.encode()).hexdigest()[:16]

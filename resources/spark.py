@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from contextlib import ExitStack
 from typing import Any
@@ -15,7 +14,7 @@ from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 from pyspark import SparkContext
 
-from resources.jvm import ClassArchive, default_cache_dir
+from resources.jvm import ClassArchive, default_cache_dir, java_binary
 from resources.lakehouse import LakehouseResource
 
 #: Defaults suited to a laptop; any key can be overridden through `spark_config`.
@@ -177,7 +176,7 @@ def build_spark_session(config: dict[str, str]):
 
     This process is the Spark driver, whatever the master, so it needs Java.
     """
-    if not _java_available():
+    if java_binary() is None:
         raise Failure(
             "Spark needs Java 17 but no `java` was found on PATH and JAVA_HOME is not set. "
             "Install it (Debian/Ubuntu: `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
@@ -217,10 +216,3 @@ def build_connect_session(url: str, config: dict[str, str]):
     from pyspark.sql import SparkSession
 
     return SparkSession.builder.remote(url).config(map=config).getOrCreate()
-
-
-def _java_available() -> bool:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and os.path.exists(os.path.join(java_home, "bin", "java")):
-        return True
-    return shutil.which("java") is not None

@@ -5,6 +5,7 @@ session is not.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def session(tmp_path, cache, spark_config=None) -> list[str]:
     """Start and stop a session through the resource in a new process; the driver JVM's arguments."""
     done = subprocess.run(
         [sys.executable, "-c", SESSION, str(tmp_path / "data"), json.dumps(spark_config or {})],
-        env={**__import__("os").environ, "HEARTBEAT_JVM_CACHE": str(cache)},
+        env={**os.environ, "HEARTBEAT_JVM_CACHE": str(cache)},
         capture_output=True,
         text=True,
         timeout=300,
