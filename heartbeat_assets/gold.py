@@ -217,8 +217,8 @@ class GoldTable:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
         unchanged = previous is not None and previous.get("inputs") == inputs
-        if snapshot is not None:
-            aggregated = self.spark.read.parquet(str(snapshot))
+        if snapshot is not None:  # written by this query, so its schema is known
+            aggregated = self.spark.read.schema(aggregate_schema).parquet(str(snapshot))
         else:
             aggregated = self.spark.createDataFrame([], aggregate_schema)
         table = build(aggregated)
@@ -227,9 +227,11 @@ class GoldTable:
         if unchanged:
             metadata["dagster/row_count"] = previous["rows"]
         else:
-            if reports_new_rows:
+            if reports_new_rows:  # the rebuilt table is read twice: by the comparison and by the write
+                table = table.cache()
                 new_alerts = self._rows_not_in_current_table(table)
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
+            table.unpersist()
             metadata.update(self._landing_latency())
         written = self.spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
@@ -260,20 +262,30 @@ class GoldTable:
         """Rows of the rebuilt table that the current version lacks (read before it is replaced)."""
         if not data_files(self.table):
             return [tuple(row) for row in table.collect()]
-        current = self.spark.read.parquet(str(self.table))
+        current = self.spark.read.schema(table.schema).parquet(str(self.table))
         return [tuple(row) for row in table.exceptAll(current).orderBy("device_id", "window_start").collect()]
 
     def _counts_check(self, written: DataFrame, aggregated: DataFrame) -> AssetCheckResult:
         """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
-        patients = silver.read_patients(self.spark, self.lakehouse).select("mrn", F.lit(True).alias("known"))
-        in_gold = written.agg(F.sum("count")).first()[0] or 0
-        # One pass over the aggregate for both of its sums.
-        of_known, in_aggregate = (
-            aggregated.join(patients, "mrn", "left")
-            .agg(F.sum(F.when(F.col("known"), F.col("count"))), F.sum("count"))
+        # Each known mrn once: a patient listed twice would count its recordings twice in gold.
+        patients = (
+            silver.read_patients(self.spark, self.lakehouse)
+            .select("mrn")
+            .distinct()
+            .withColumn("known", F.lit(True))
+        )
+        # One Spark action for the three sums: gold's, and the aggregate's of known patients and of all.
+        in_gold, of_known, in_aggregate = (
+            written.agg(F.sum("count").alias("in_gold"))
+            .crossJoin(
+                aggregated.join(patients, "mrn", "left").agg(
+                    F.sum(F.when(F.col("known"), F.col("count"))).alias("of_known"),
+                    F.sum("count").alias("in_aggregate"),
+                )
+            )
             .first()
         )
-        of_known, in_aggregate = of_known or 0, in_aggregate or 0
+        in_gold, of_known, in_aggregate = in_gold or 0, of_known or 0, in_aggregate or 0
         silver_rows = latest_metadata(self.context, silver.RECORDINGS, "dagster/row_count") or 0
         return AssetCheckResult(
             check_name="counts_match_silver",

@@ -122,9 +122,11 @@ def batch_quality(valid: DataFrame, min_time: float, max_clock_skew_s: float) ->
 
 
 def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFrame:
+    """The current patient dimension; read with its declared schema (silver's schema check guards the
+    table), which spares a Spark job that infers it from the file."""
     table = lakehouse.table("silver/patients")
     if data_files(table):
-        return spark.read.parquet(str(table))
+        return spark.read.schema(PATIENTS_SCHEMA).parquet(str(table))
     return spark.createDataFrame([], PATIENTS_SCHEMA)
 
 

@@ -2,6 +2,7 @@
 
 from dagster import AssetCheckSeverity
 
+from heartbeat_assets import gold
 from heartbeat_assets.simulator import Faults, Simulator, land_file
 
 
@@ -62,6 +63,24 @@ def test_failing_blocking_check_keeps_gold_from_materializing(lakehouse, monkeyp
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "silver/recordings" in materialized
     assert not {t for t in materialized if t.startswith("gold/")}
+
+
+def test_counts_check_fails_when_gold_counts_a_patient_twice(lakehouse, monkeypatch):
+    sim = Simulator(lakehouse.root, seed=14, patients=2, devices=2)
+    sim.land_patients()
+    sim.land_recordings(files=2, records=60)
+    assert evaluations(lakehouse.run())[("gold/heartrate_by_patient", "counts_match_silver")].passed
+    # A defect in gold's build: the patient dimension joined twice doubles every patient's count.
+    build = gold.heartrate_by_patient
+    monkeypatch.setattr(
+        gold, "heartrate_by_patient", lambda totals, patients: build(totals, patients.union(patients))
+    )
+    sim.land_recordings(files=1, records=60, wave=1)
+
+    check = evaluations(lakehouse.run())[("gold/heartrate_by_patient", "counts_match_silver")]
+    assert not check.passed
+    assert check.metadata["gold_count"].value == 2 * check.metadata["silver_rows_of_known_patients"].value
+    assert check.metadata["aggregated_rows"].value == check.metadata["silver_rows"].value == 180
 
 
 def test_quarantine_rate_above_the_error_threshold(lakehouse):
