@@ -231,7 +231,7 @@ class GoldTable:
                 table = table.cache()
                 new_alerts = self._rows_not_in_current_table(table)
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
-            table.unpersist()
+            table.unpersist()  # a no-op unless cached above
             metadata.update(self._landing_latency())
         written = self.spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
