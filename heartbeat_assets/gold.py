@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,12 +24,13 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     AssetKey,
+    AssetSpec,
     Config,
     Failure,
     FreshnessPolicy,
     MaterializeResult,
     MetadataValue,
-    asset,
+    multi_asset,
 )
 from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -158,105 +160,117 @@ class SignalLossConfig(Config):
     )
 
 
+class GoldConfig(Config):
+    device_signal_loss: SignalLossConfig = Field(
+        default_factory=SignalLossConfig, description="When gold/device_signal_loss raises an alert."
+    )
+
+
 class GoldTable:
-    """Runs the aggregate of one gold table and rebuilds the table when its inputs changed."""
+    """Runs the aggregate of one gold table and rebuilds the table when its inputs changed.
+
+    `prepare` deals with Dagster (the step's run, event log and logger); `materialize` only with Spark
+    and the table's files, so the step can materialize its tables in threads at once.
+    """
 
     def __init__(
         self,
         context: AssetExecutionContext,
         name: str,
-        spark: SparkSessionResource,
         lakehouse: LakehouseResource,
-    ):
-        self.context = context
-        self.name = name
-        self._spark = spark
-        self.lakehouse = lakehouse
-        self.table = lakehouse.table(name)
-        self.checkpoint = lakehouse.checkpoint(name)
-        self.snapshots = self.checkpoint / "_aggregate"
-
-    @property
-    def spark(self) -> SparkSession:
-        """The run's session, started on first use (a skipped table never needs it)."""
-        return self._spark.spark_session
-
-    def materialize(
-        self,
+        *,
         aggregate: Callable[[DataFrame], DataFrame],
         aggregate_schema: str,
         build: Callable[[DataFrame], DataFrame],
         settings: dict,
         uses_patients: bool,
         reports_new_rows: bool = False,
-    ) -> list:
-        """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks."""
+    ):
+        self.context = context
+        self.name = name
+        self.key = AssetKey(name.split("/"))
+        self.lakehouse = lakehouse
+        self.table = lakehouse.table(name)
+        self.checkpoint = lakehouse.checkpoint(name)
+        self.snapshots = self.checkpoint / "_aggregate"
+        self.aggregate, self.aggregate_schema, self.build = aggregate, aggregate_schema, build
+        self.settings, self.uses_patients, self.reports_new_rows = settings, uses_patients, reports_new_rows
+        self.spark: SparkSession | None = None
+
+    def prepare(self) -> list | None:
+        """Reset the table on a full refresh and check its settings; the step's results if its inputs
+        are unchanged, else None (then `materialize` must run)."""
         start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
-        self._check_settings(settings)
+        self._check_settings(self.settings)
         inputs_read = [self.lakehouse.table("silver/recordings")]
-        if uses_patients:
+        if self.uses_patients:
             inputs_read.append(self.lakehouse.table("silver/patients"))
-        watch = InputWatch(self.checkpoint, inputs_read, settings)
-        nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if reports_new_rows else {}
-        skipped = unchanged_results(self.context, watch, [AssetKey(self.name.split("/"))], nothing_new)
-        if skipped is not None:
-            return skipped
+        self.watch = InputWatch(self.checkpoint, inputs_read, self.settings)
+        nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if self.reports_new_rows else {}
+        skipped = unchanged_results(self.context, self.watch, [self.key], nothing_new)
+        if skipped is None:  # what `materialize` needs from the event log, read where the step runs
+            self.silver_rows = latest_metadata(self.context, silver.RECORDINGS, "dagster/row_count") or 0
+            self.landed = latest_metadata(self.context, bronze.RECORDINGS, "newest_file_modified_at")
+        return skipped
+
+    def materialize(self, spark: SparkSession) -> list:
+        """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks."""
+        self.spark = spark
         recordings = silver.read_table_stream(
-            self.spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
+            spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
         )
         report = run_available_now(
-            aggregate(recordings),
+            self.aggregate(recordings),
             name=self.name,
             checkpoint=self.checkpoint,
             write_batch=functools.partial(write_snapshot, self.snapshots),
             output_mode="complete",
         )
         snapshot = self._latest_snapshot()
-        inputs = {"aggregate_batch": snapshot.name if snapshot else None, "settings": settings}
-        if uses_patients:
+        inputs = {"aggregate_batch": snapshot.name if snapshot else None, "settings": self.settings}
+        if self.uses_patients:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
         unchanged = previous is not None and previous.get("inputs") == inputs
         if snapshot is not None:  # written by this query, so its schema is known
-            aggregated = self.spark.read.schema(aggregate_schema).parquet(str(snapshot))
+            aggregated = spark.read.schema(self.aggregate_schema).parquet(str(snapshot))
         else:
-            aggregated = self.spark.createDataFrame([], aggregate_schema)
-        table = build(aggregated)
+            aggregated = spark.createDataFrame([], self.aggregate_schema)
+        table = self.build(aggregated)
         metadata = {**report.metadata(), **column_schema(table), "table_rebuilt": not unchanged}
         new_alerts: list[tuple] = []
         if unchanged:
             metadata["dagster/row_count"] = previous["rows"]
         else:
-            if reports_new_rows:  # the rebuilt table is read twice: by the comparison and by the write
+            if self.reports_new_rows:  # the rebuilt table is read twice: by the comparison and by the write
                 table = table.cache()
                 new_alerts = self._rows_not_in_current_table(table)
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
             table.unpersist()  # a no-op unless cached above
-            metadata.update(self._landing_latency())
-        written = self.spark.read.parquet(str(self.table))
+            if self.landed:  # seconds from the newest recording file landing (as bronze saw it)
+                metadata["landing_to_gold_latency_s"] = round(time.time() - self.landed, 3)
+        written = spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
             metadata["preview"] = MetadataValue.md(markdown_preview(written))
-        results = [MaterializeResult(metadata=metadata), checks.schema_check(self.name, written)]
-        if uses_patients:
+        results = [
+            MaterializeResult(asset_key=self.key, metadata=metadata),
+            checks.schema_check(self.name, written),
+        ]
+        if self.uses_patients:
             results.append(self._counts_check(written, aggregated))
-        if reports_new_rows:
+        if self.reports_new_rows:
             results.append(self._new_alerts_check(new_alerts))
-        watch.record()
+        self.watch.record()
         return results
 
     def _new_alerts_check(self, new_alerts: list[tuple]) -> AssetCheckResult:
         return AssetCheckResult(
-            asset_key=AssetKey(self.name.split("/")),
+            asset_key=self.key,
             check_name="no_new_lost_signal",
             passed=not new_alerts,
             severity=AssetCheckSeverity.WARN,
             metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
         )
-
-    def _landing_latency(self) -> dict[str, float]:
-        """Seconds from the newest recording file landing (as bronze last saw it) to this table."""
-        landed = latest_metadata(self.context, bronze.RECORDINGS, "newest_file_modified_at")
-        return {"landing_to_gold_latency_s": round(time.time() - landed, 3)} if landed else {}
 
     def _rows_not_in_current_table(self, table: DataFrame) -> list[tuple]:
         """Rows of the rebuilt table that the current version lacks (read before it is replaced)."""
@@ -286,12 +300,12 @@ class GoldTable:
             .first()
         )
         in_gold, of_known, in_aggregate = in_gold or 0, of_known or 0, in_aggregate or 0
-        silver_rows = latest_metadata(self.context, silver.RECORDINGS, "dagster/row_count") or 0
         return AssetCheckResult(
+            asset_key=self.key,
             check_name="counts_match_silver",
-            passed=in_gold == of_known and in_aggregate == silver_rows,
+            passed=in_gold == of_known and in_aggregate == self.silver_rows,
             metadata={"gold_count": in_gold, "silver_rows_of_known_patients": of_known,
-                      "aggregated_rows": in_aggregate, "silver_rows": silver_rows},
+                      "aggregated_rows": in_aggregate, "silver_rows": self.silver_rows},
         )  # fmt: skip
 
     def _latest_snapshot(self) -> Path | None:
@@ -335,60 +349,72 @@ COUNTS_CHECK = (
 )
 
 
-@asset(
-    key=HEARTRATE_BY_PATIENT,
-    deps=GOLD_DEPS,
-    group_name="gold",
-    description="Per known patient: current name, ceil of the mean heart rate, number of recordings.",
+def gold_tables(context: AssetExecutionContext, config: GoldConfig, lakehouse: LakehouseResource) -> list:
+    """Every gold table: its aggregate over silver/recordings and how the table is built from it."""
+    signal_loss = config.device_signal_loss.model_dump()
+
+    def with_patients(build):
+        return lambda totals: build(totals, silver.read_patients(totals.sparkSession, lakehouse))
+
+    return [
+        GoldTable(
+            context, "gold/heartrate_by_patient", lakehouse,
+            aggregate=patient_totals,
+            aggregate_schema="mrn bigint, heartrate_sum decimal(30,6), count bigint",
+            build=with_patients(heartrate_by_patient),
+            settings={}, uses_patients=True,
+        ),
+        GoldTable(
+            context, "gold/daily_patient_avg", lakehouse,
+            aggregate=patient_daily_totals,
+            aggregate_schema="mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
+            build=with_patients(daily_patient_avg),
+            settings={}, uses_patients=True,
+        ),
+        GoldTable(
+            context, "gold/device_signal_loss", lakehouse,
+            aggregate=lambda recordings: device_window_counts(recordings, signal_loss["window_seconds"]),
+            aggregate_schema="device_id int, window_start bigint, readings bigint",
+            build=lambda counts: device_signal_loss(counts, **signal_loss),
+            settings=signal_loss, uses_patients=False, reports_new_rows=True,
+        ),
+    ]  # fmt: skip
+
+
+@multi_asset(
+    name="gold",
+    specs=[
+        AssetSpec(
+            HEARTRATE_BY_PATIENT,
+            deps=GOLD_DEPS,
+            description="Per known patient: current name, ceil of the mean heart rate, number of recordings.",
+            group_name="gold",
+            freshness_policy=GOLD_FRESHNESS,
+            skippable=True,
+        ),
+        AssetSpec(
+            DAILY_PATIENT_AVG,
+            deps=GOLD_DEPS,
+            description="Per known patient and UTC date: current name, mean heart rate, number of "
+            "recordings.",
+            group_name="gold",
+            freshness_policy=GOLD_FRESHNESS,
+            skippable=True,
+        ),
+        AssetSpec(
+            DEVICE_SIGNAL_LOSS,
+            deps=[silver.RECORDINGS],
+            description="Device and event-time windows with fewer readings than the threshold: lost signal.",
+            group_name="gold",
+            freshness_policy=GOLD_FRESHNESS,
+            skippable=True,
+        ),
+    ],
     check_specs=[
         checks.schema_spec("gold/heartrate_by_patient"),
         checks.spec("gold/heartrate_by_patient", "counts_match_silver", COUNTS_CHECK),
-    ],
-    freshness_policy=GOLD_FRESHNESS,
-    pool="heartbeat_lakehouse",
-)
-def gold_heartrate_by_patient(
-    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
-):
-    yield from GoldTable(context, "gold/heartrate_by_patient", spark, lakehouse).materialize(
-        patient_totals,
-        "mrn bigint, heartrate_sum decimal(30,6), count bigint",
-        lambda totals: heartrate_by_patient(totals, silver.read_patients(totals.sparkSession, lakehouse)),
-        settings={},
-        uses_patients=True,
-    )
-
-
-@asset(
-    key=DAILY_PATIENT_AVG,
-    deps=GOLD_DEPS,
-    group_name="gold",
-    description="Per known patient and UTC date: current name, mean heart rate, number of recordings.",
-    check_specs=[
         checks.schema_spec("gold/daily_patient_avg"),
         checks.spec("gold/daily_patient_avg", "counts_match_silver", COUNTS_CHECK),
-    ],
-    freshness_policy=GOLD_FRESHNESS,
-    pool="heartbeat_lakehouse",
-)
-def gold_daily_patient_avg(
-    context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
-):
-    yield from GoldTable(context, "gold/daily_patient_avg", spark, lakehouse).materialize(
-        patient_daily_totals,
-        "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
-        lambda totals: daily_patient_avg(totals, silver.read_patients(totals.sparkSession, lakehouse)),
-        settings={},
-        uses_patients=True,
-    )
-
-
-@asset(
-    key=DEVICE_SIGNAL_LOSS,
-    deps=[silver.RECORDINGS],
-    group_name="gold",
-    description="Device and event-time windows with fewer readings than the threshold: lost signal.",
-    check_specs=[
         checks.schema_spec("gold/device_signal_loss"),
         checks.spec(
             "gold/device_signal_loss",
@@ -396,21 +422,39 @@ def gold_daily_patient_avg(
             "Warns when a run finds windows in which a device lost its signal; the new ones are listed.",
         ),
     ],
-    freshness_policy=GOLD_FRESHNESS,
+    can_subset=True,
     pool="heartbeat_lakehouse",
 )
-def gold_device_signal_loss(
+def gold(
     context: AssetExecutionContext,
-    config: SignalLossConfig,
+    config: GoldConfig,
     spark: SparkSessionResource,
     lakehouse: LakehouseResource,
 ):
-    settings = config.model_dump()
-    yield from GoldTable(context, "gold/device_signal_loss", spark, lakehouse).materialize(
-        lambda recordings: device_window_counts(recordings, config.window_seconds),
-        "device_id int, window_start bigint, readings bigint",
-        lambda counts: device_signal_loss(counts, **settings),
-        settings=settings,
-        uses_patients=False,
-        reports_new_rows=True,
-    )
+    """Bring the selected gold tables up to date. Their queries run at the same time: each is small,
+    and one after another they would leave the cores idle between Spark jobs."""
+    selected = [t for t in gold_tables(context, config, lakehouse) if t.key in context.selected_asset_keys]
+    to_build, failed = [], []
+    for table in selected:
+        try:
+            skipped = table.prepare()
+        except Exception as exc:  # reported below: the other tables are still built
+            failed.append((table.name, exc))
+            continue
+        if skipped is None:
+            to_build.append(table)
+        else:
+            yield from skipped
+    if to_build:
+        session = spark.spark_session  # started before the threads, which share it
+        with ThreadPoolExecutor(len(to_build), thread_name_prefix="gold") as pool:
+            futures = {table.name: pool.submit(table.materialize, session) for table in to_build}
+        for name, future in futures.items():
+            try:
+                yield from future.result()
+            except Exception as exc:  # reported below, after the tables that were built
+                failed.append((name, exc))
+    for name, exc in failed[1:]:
+        context.log.error(f"{name} failed too: {exc}")
+    if failed:
+        raise failed[0][1]

@@ -250,7 +250,7 @@ def unchanged_results(
     per_run_checks = per_run_checks or {}
     if not watch.unchanged:
         return None
-    check_keys = list(context.selected_asset_check_keys)
+    check_keys = [key for key in context.selected_asset_check_keys if key.asset_key in keys]
     latest = {}
     for key in check_keys:
         done = context.instance.event_log_storage.get_asset_check_execution_history(

@@ -1,9 +1,13 @@
 """Operating the lakehouse: moving the data root, full refresh, checkpoints that no longer fit."""
 
+import json
 import shutil
+import uuid
 
 import pytest
+from dagster import AssetSelection
 
+from heartbeat_assets.gold import DEVICE_SIGNAL_LOSS
 from heartbeat_assets.simulator import Faults, Simulator
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle, snapshot_tables
@@ -89,15 +93,28 @@ def _bronze(contents: dict) -> dict:
 def test_checkpoint_of_another_query_fails_with_the_remedy(after_two_waves):
     lakehouse = after_two_waves
     checkpoints = lakehouse.root / "checkpoints" / "gold"
-    # The checkpoint of another aggregate stands in for one written by an older version of the query.
+    # The checkpoint of another aggregate stands in for one written by an older version of the query
+    # (with a query id of its own, as that would have).
     shutil.rmtree(checkpoints / "heartrate_by_patient")
     shutil.copytree(checkpoints / "daily_patient_avg", checkpoints / "heartrate_by_patient")
+    (checkpoints / "heartrate_by_patient" / "metadata").write_text(json.dumps({"id": str(uuid.uuid4())}))
+    (checkpoints / "heartrate_by_patient" / ".metadata.crc").unlink()  # Hadoop's checksum of the old id
     Simulator(lakehouse.root, seed=4, patients=4, devices=4).land_recordings(files=1, records=50, wave=2)
     result = lakehouse.run(raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.event_specific_data.error.message
     assert "gold/heartrate_by_patient" in message and "full_refresh_gold" in message, message
+    # The other gold tables, built in the same step, are up to date and checked.
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"gold/daily_patient_avg", "gold/device_signal_loss"} <= materialized
+    assert "gold/heartrate_by_patient" not in materialized
+    schema_checks = {
+        e.asset_key.to_user_string(): e.passed
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "schema_as_declared" and e.asset_key.path[0] == "gold"
+    }
+    assert schema_checks == {"gold/daily_patient_avg": True, "gold/device_signal_loss": True}
 
     lakehouse.run(job_name="full_refresh_gold")
     assert_gold_matches_oracle(lakehouse)
@@ -105,8 +122,39 @@ def test_checkpoint_of_another_query_fails_with_the_remedy(after_two_waves):
 
 def test_new_signal_loss_window_through_a_gold_refresh(after_two_waves):
     lakehouse = after_two_waves
-    config = {"ops": {"gold__device_signal_loss": {"config": {"window_seconds": 30, "min_readings": 10}}}}
-    assert not lakehouse.run(config, raise_on_error=False).success
+    config = {"ops": {"gold": {"config": {"device_signal_loss": {"window_seconds": 30, "min_readings": 10}}}}}
+    result = lakehouse.run(config, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "full_refresh_gold" in failure.event_specific_data.error.message
+    # The step's other tables are still materialized.
+    gold = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"gold/heartrate_by_patient", "gold/daily_patient_avg"} <= gold
+    assert "gold/device_signal_loss" not in gold
     lakehouse.run(config, job_name="full_refresh_gold")
     rows = lakehouse.read("gold/device_signal_loss")
     assert rows and all((r["window_end"] - r["window_start"]).total_seconds() == 30 for r in rows)
+
+
+def test_one_gold_table_materialized_alone(after_two_waves):
+    lakehouse = after_two_waves
+    Simulator(lakehouse.root, seed=4, patients=4, devices=4).land_recordings(files=1, records=50, wave=2)
+    before = lakehouse.contents()
+    job = lakehouse.defs.resolve_job_def("medallion")
+    # Gold's tables share one step; selected alone, one table is built and the others are untouched.
+    graph = lakehouse.defs.resolve_asset_graph()
+    selection = AssetSelection.assets(DEVICE_SIGNAL_LOSS).upstream().required_multi_asset_neighbors()
+    selection = selection.resolve(graph)
+    result = job.execute_in_process(instance=lakehouse.instance, asset_selection=list(selection))
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "gold/device_signal_loss" in materialized
+    assert not materialized & {"gold/heartrate_by_patient", "gold/daily_patient_avg"}
+    checked = {e.asset_key.to_user_string() for e in result.get_asset_check_evaluations()}
+    assert not checked & {"gold/heartrate_by_patient", "gold/daily_patient_avg"}
+    after = lakehouse.contents()
+    for table in ("gold/heartrate_by_patient", "gold/daily_patient_avg"):
+        assert after[table] == before[table]
+    assert after["gold/device_signal_loss"] != before["gold/device_signal_loss"]
+
+    lakehouse.run()  # the whole job then brings the other two up to date
+    assert_gold_matches_oracle(lakehouse)

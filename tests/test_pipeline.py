@@ -204,7 +204,7 @@ def test_signal_loss_settings_are_run_config(lakehouse):
     sim = Simulator(lakehouse.root, seed=1, patients=2, devices=2)
     sim.land_patients()
     sim.land_recordings(files=2, records=120, faults=Faults(signal_gaps=1.0))
-    config = {"ops": {"gold__device_signal_loss": {"config": {"window_seconds": 30, "min_readings": 20}}}}
+    config = {"ops": {"gold": {"config": {"device_signal_loss": {"window_seconds": 30, "min_readings": 20}}}}}
     lakehouse.run(config)
     rows = lakehouse.read("gold/device_signal_loss")
     assert rows and all((r["window_end"] - r["window_start"]).total_seconds() == 30 for r in rows)
