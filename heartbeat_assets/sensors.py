@@ -2,8 +2,10 @@
 
 The cursor is a high-water mark, not a list of files: the newest change time (ctime) seen and the
 names that share it. A rename into the folder sets a file's ctime, so a file written long ago and
-renamed in now is still new. Files changed in the last `SETTLE_SECONDS` wait for the next tick, so
-a file renamed in while the folder is being listed cannot fall behind the mark.
+renamed in now is still new. The mark does not move past files changed in the last `SETTLE_SECONDS`,
+so a file renamed in while the folder is being listed cannot fall behind it. Such files still start a
+run at once: the run key is the newest change time of the new files, so when the next tick sees them
+again, settled, Dagster skips the request as a duplicate.
 
 The cursor also keeps the folder's own mtime once every file in it was seen: adding, renaming or
 removing a file changes it, so a tick on an unchanged folder costs one `stat`, however many files
@@ -51,17 +53,27 @@ def is_landed_file(name: str, suffixes: tuple[str, ...]) -> bool:
     return name.endswith(suffixes) and not name.startswith((".", "_"))
 
 
+@dataclass(frozen=True)
+class LandingScan:
+    #: Files that landed after the cursor, settled or not.
+    files: list[str]
+    #: The cursor to store next: past the settled files only.
+    cursor: LandingCursor
+    #: The newest change time of `files`: it names the run they start.
+    newest_ctime_ns: int = -1
+
+
 def scan_new_files(
     folder: Path, cursor: LandingCursor, suffixes: tuple[str, ...], now_ns: int | None = None
-) -> tuple[list[str], LandingCursor]:
-    """Names of settled files that landed after `cursor`, and the cursor to store next."""
+) -> LandingScan:
+    """Files that landed after `cursor`, and the cursor to store next."""
     settled_before = (now_ns if now_ns is not None else time.time_ns()) - int(SETTLE_SECONDS * 1e9)
     try:
         folder_mtime = folder.stat().st_mtime_ns
     except FileNotFoundError:
-        return [], cursor
+        return LandingScan([], cursor)
     if folder_mtime == cursor.folder_mtime_ns:
-        return [], cursor
+        return LandingScan([], cursor)
     new: list[tuple[int, str]] = []
     unsettled = folder_mtime > settled_before
     with os.scandir(folder) as entries:
@@ -72,19 +84,20 @@ def scan_new_files(
                 ctime = entry.stat().st_ctime_ns
             except FileNotFoundError:  # renamed away while listing
                 continue
-            if ctime > settled_before:
-                unsettled = True
-                continue
             if ctime > cursor.ctime_ns or (ctime == cursor.ctime_ns and entry.name not in cursor.names):
                 new.append((ctime, entry.name))
+            unsettled = unsettled or ctime > settled_before
     mark = -1 if unsettled else folder_mtime
-    if not new:
-        return [], LandingCursor(cursor.ctime_ns, cursor.names, mark)
-    newest = max(ctime for ctime, _ in new)
-    names = {name for ctime, name in new if ctime == newest}
-    if newest == cursor.ctime_ns:
-        names |= set(cursor.names)
-    return sorted(name for _, name in new), LandingCursor(newest, tuple(sorted(names)), mark)
+    settled = [(ctime, name) for ctime, name in new if ctime <= settled_before]
+    next_cursor = LandingCursor(cursor.ctime_ns, cursor.names, mark)
+    if settled:
+        newest = max(ctime for ctime, _ in settled)
+        names = {name for ctime, name in settled if ctime == newest}
+        if newest == cursor.ctime_ns:
+            names |= set(cursor.names)
+        next_cursor = LandingCursor(newest, tuple(sorted(names)), mark)
+    newest_new = max((ctime for ctime, _ in new), default=-1)
+    return LandingScan(sorted(name for _, name in new), next_cursor, newest_new)
 
 
 def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description: str):
@@ -96,23 +109,25 @@ def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description
         description=description,
     )
     def _sensor(context: SensorEvaluationContext, lakehouse: LakehouseResource):
-        cursor = LandingCursor.parse(context.cursor)
-        files, next_cursor = scan_new_files(folder_of(lakehouse), cursor, suffixes)
+        scan = scan_new_files(folder_of(lakehouse), LandingCursor.parse(context.cursor), suffixes)
+        files = scan.files
         if not files:
             return SensorResult(
                 skip_reason=SkipReason(f"No new files in {folder_of(lakehouse)}"),
-                cursor=next_cursor.serialize(),
+                cursor=scan.cursor.serialize(),
             )
         preview = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
         context.log.info(f"{len(files)} new file(s): {preview}")
         return SensorResult(
             run_requests=[
                 RunRequest(
-                    run_key=f"{name}:{next_cursor.ctime_ns}",
+                    # A run started by these files lists the folder after this tick, so it ingests
+                    # them; the same key on a later tick (the files now settled) is skipped.
+                    run_key=f"{name}:{scan.newest_ctime_ns}",
                     tags={"heartbeat/trigger": name, "heartbeat/new_files": str(len(files))},
                 )
             ],
-            cursor=next_cursor.serialize(),
+            cursor=scan.cursor.serialize(),
         )
 
     return _sensor

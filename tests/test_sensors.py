@@ -9,6 +9,7 @@ from dagster import RunRequest, build_sensor_context
 from heartbeat_assets.definitions import build_definitions
 from heartbeat_assets.sensors import (
     LandingCursor,
+    LandingScan,
     patients_landing_sensor,
     recordings_landing_sensor,
     scan_new_files,
@@ -81,35 +82,53 @@ def test_a_tick_on_an_unchanged_folder_does_not_list_it(tmp_path, monkeypatch):
     for i in range(50):
         land_file(landing, f"r{i}.json", b"{}")
     settle()
-    files, cursor = scan_new_files(landing, LandingCursor(), (".json",))
-    assert len(files) == 50 and cursor.folder_mtime_ns == landing.stat().st_mtime_ns
+    scan = scan_new_files(landing, LandingCursor(), (".json",))
+    cursor = scan.cursor
+    assert len(scan.files) == 50 and cursor.folder_mtime_ns == landing.stat().st_mtime_ns
 
     def no_listing(path):
         raise AssertionError("listed an unchanged folder")
 
     with monkeypatch.context() as patched:
         patched.setattr(os, "scandir", no_listing)
-        assert scan_new_files(landing, cursor, (".json",)) == ([], cursor)
+        assert scan_new_files(landing, cursor, (".json",)) == LandingScan([], cursor)
     land_file(landing, "new.json", b"{}")  # changes the folder: the next settled tick lists it
     settle()
-    files, cursor = scan_new_files(landing, cursor, (".json",))
-    assert files == ["new.json"]
+    scan = scan_new_files(landing, cursor, (".json",))
+    assert scan.files == ["new.json"]
     # The restored cursor of an older version, without the folder's mtime, still works.
-    legacy = LandingCursor.parse(json.dumps({"ctime_ns": cursor.ctime_ns, "names": ["new.json"]}))
-    assert scan_new_files(landing, legacy, (".json",))[0] == []
+    legacy = LandingCursor.parse(json.dumps({"ctime_ns": scan.cursor.ctime_ns, "names": ["new.json"]}))
+    assert scan_new_files(landing, legacy, (".json",)).files == []
 
 
-def test_files_landing_during_a_tick_are_left_for_the_next(tmp_path):
+def test_a_file_that_has_not_settled_starts_a_run_once(tmp_path):
     landing = tmp_path
     land_file(landing, "a.json", b"{}")
     now = time.time_ns()
-    files, cursor = scan_new_files(landing, LandingCursor(), (".json",), now_ns=now + 2_000_000_000)
-    assert files == ["a.json"]
+    first = scan_new_files(landing, LandingCursor(), (".json",), now_ns=now + 2_000_000_000)
+    assert first.files == ["a.json"] and first.cursor.names == ("a.json",)
     land_file(landing, "b.json", b"{}")  # lands right after the listing
-    files, cursor = scan_new_files(landing, cursor, (".json",), now_ns=time.time_ns())
-    assert files == []  # not settled yet
-    files, _ = scan_new_files(landing, cursor, (".json",), now_ns=time.time_ns() + 2_000_000_000)
-    assert files == ["b.json"]
+    unsettled = scan_new_files(landing, first.cursor, (".json",), now_ns=time.time_ns())
+    # It starts a run now, but the mark stays behind it: a file renamed in with the same change time
+    # while the folder was listed cannot be passed over.
+    assert unsettled.files == ["b.json"]
+    assert (unsettled.cursor.ctime_ns, unsettled.cursor.names) == (first.cursor.ctime_ns, ("a.json",))
+    settled = scan_new_files(landing, unsettled.cursor, (".json",), now_ns=time.time_ns() + 2_000_000_000)
+    assert settled.files == ["b.json"] and settled.cursor.names == ("b.json",)
+    # The same run key both times, so Dagster starts one run for it.
+    assert settled.newest_ctime_ns == unsettled.newest_ctime_ns != first.newest_ctime_ns
+    assert scan_new_files(landing, settled.cursor, (".json",)).files == []
+
+    # Through the sensor: the two requests carry one run key.
+    lakehouse = LakehouseResource(data_dir=str(tmp_path / "root"))
+    result, _ = tick(recordings_landing_sensor, lakehouse)
+    land_file(lakehouse.recordings_landing, "c.json", b"{}")
+    now_result, _ = tick(recordings_landing_sensor, lakehouse, cursor=result.cursor)
+    settle()
+    later, _ = tick(recordings_landing_sensor, lakehouse, cursor=now_result.cursor)
+    assert [r.run_key for r in now_result.run_requests] == [r.run_key for r in later.run_requests]
+    assert len(later.run_requests) == 1
+    assert skipped(tick(recordings_landing_sensor, lakehouse, cursor=later.cursor)[0])
 
 
 def test_patients_sensor_and_definitions_wire_up(tmp_path):
