@@ -311,7 +311,9 @@ def bronze_recordings(
         context.log.warning(f"{path.name} is not a valid gzip file; moved to {path.parent}.")
     if fresh:  # the rebuilt quarantine needs the files rejected before, too
         rejected = sorted((lakehouse.recordings_landing / REJECTED_FOLDER).glob("*"))
-    watch = InputWatch(lakehouse.checkpoint("bronze/recordings"), [lakehouse.recordings_landing], settle=True)
+    watch = InputWatch(
+        lakehouse.checkpoint("bronze/recordings"), [lakehouse.recordings_landing], list_files=True
+    )
     if (skipped := unchanged_results(context, watch, [RECORDINGS, RECORDINGS_QUARANTINE])) is not None:
         yield from skipped
         return
@@ -395,7 +397,7 @@ def bronze_patients(
     fresh = start_fresh(context, lakehouse, ["bronze/patients"])
     _rename_unreadable_files(context, lakehouse.patients_landing)
     table = lakehouse.table("bronze/patients")
-    watch = InputWatch(lakehouse.checkpoint("bronze/patients"), [lakehouse.patients_landing], settle=True)
+    watch = InputWatch(lakehouse.checkpoint("bronze/patients"), [lakehouse.patients_landing], list_files=True)
     if (skipped := unchanged_results(context, watch, [PATIENTS])) is not None:
         yield from skipped
         return

@@ -191,47 +191,50 @@ def _first_line(exc: BaseException) -> str:
 class InputWatch:
     """Tells, without Spark, whether a query's inputs changed since its last complete run.
 
-    The mark is the modification time of every folder the query reads (files are added by a rename
-    or a create, which changes their folder's mtime), plus any settings. It is stored beside the
+    The mark covers every folder the query reads, plus any settings. It is stored beside the
     checkpoint only after the query completed, so a crashed or failed run is never skipped after.
-    Landing folders are written by others at any time: one changed within the last `SETTLE_NS` is
-    not trusted (file systems keep times at a coarse tick), so the query runs and the next run
-    decides again. The lakehouse's own tables change only inside a run, which holds the lock.
+    The lakehouse's own tables change only inside a run, which holds the lock: their folders'
+    modification times mark them (files are added by a rename or a create, which changes their
+    folder's mtime). Landing folders are written by others at any time, and a file system keeps times
+    at a coarse tick, so a file renamed in just after the mark was taken may leave the folder's mtime
+    as it was: they are marked by the names of the files in them (`list_files`).
     """
 
     FILE = "_input_mark"
-    SETTLE_NS = 2_000_000_000
 
-    def __init__(self, checkpoint: Path, folders: list[Path], settings: object = None, settle: bool = False):
+    def __init__(
+        self, checkpoint: Path, folders: list[Path], settings: object = None, list_files: bool = False
+    ):
         self.path = checkpoint / self.FILE
-        self.mark = self._mark(folders, settings, settle)
+        self.mark = self._mark(folders, settings, list_files)
 
-    def _mark(self, folders: list[Path], settings: object, settle: bool) -> str | None:
+    @staticmethod
+    def _mark(folders: list[Path], settings: object, list_files: bool) -> str:
         stamps = [repr(settings)]
-        newest_allowed = time.time_ns() - self.SETTLE_NS if settle else None
         for top in folders:
             if not top.is_dir():
                 stamps.append(f"{top}:missing")
                 continue
-            for folder, dirs, _ in os.walk(top):
-                dirs[:] = [d for d in dirs if d != "_staging"]
-                stat = os.stat(folder)
-                if newest_allowed is not None and stat.st_mtime_ns > newest_allowed:
-                    return None
-                stamps.append(f"{folder}:{stat.st_ino}:{stat.st_mtime_ns}")
+            for folder, dirs, files in os.walk(top):
+                dirs[:] = sorted(d for d in dirs if d != "_staging")
+                if list_files:
+                    stamps.append(folder)
+                    stamps.extend(f"  {name}" for name in sorted(files) if not name.startswith("."))
+                else:
+                    stat = os.stat(folder)
+                    stamps.append(f"{folder}:{stat.st_ino}:{stat.st_mtime_ns}")
         return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
 
     @property
     def unchanged(self) -> bool:
         try:
-            return self.mark is not None and self.path.read_text() == self.mark
+            return self.path.read_text() == self.mark
         except FileNotFoundError:
             return False
 
     def record(self) -> None:
         """Remember the inputs as seen before the query ran (call after it completed)."""
-        if self.mark is not None:
-            write_atomically(self.path, self.mark)
+        write_atomically(self.path, self.mark)
 
 
 def unchanged_results(

@@ -1,10 +1,10 @@
 """A run skips each query whose inputs did not change, without starting Spark, and says so."""
 
-import pytest
+import os
+
 from dagster import AssetCheckSeverity
 
 from heartbeat_assets.simulator import Simulator, land_file
-from heartbeat_assets.streaming import InputWatch
 from resources import LakehouseResource, SparkSessionResource
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, snapshot_tables
@@ -28,15 +28,7 @@ def check_verdicts(result) -> dict[tuple[str, str], tuple[bool, AssetCheckSeveri
     }  # fmt: skip
 
 
-@pytest.fixture
-def no_settle(monkeypatch):
-    """Trust folder times at once (the default waits 2 s after a landing folder changed)."""
-    monkeypatch.setattr(InputWatch, "SETTLE_NS", 0)
-
-
-def test_unchanged_inputs_skip_every_query_and_carry_over_check_verdicts(
-    tmp_path, spark, no_settle, monkeypatch
-):
+def test_unchanged_inputs_skip_every_query_and_carry_over_check_verdicts(tmp_path, spark, monkeypatch):
     # Warn at any quarantined row, so that one check fails and its verdict must carry over.
     lakehouse = Lakehouse(
         tmp_path, spark, LakehouseResource(data_dir=str(tmp_path), quarantine_warn_rate=0.0)
@@ -91,7 +83,7 @@ def test_unchanged_inputs_skip_every_query_and_carry_over_check_verdicts(
     assert names[sim.mrn(0)] == "Renamed Patient"
 
 
-def test_a_query_that_did_not_complete_is_not_skipped(tmp_path, spark, no_settle, monkeypatch):
+def test_a_query_that_did_not_complete_is_not_skipped(tmp_path, spark, monkeypatch):
     """The mark is recorded only after the query: a run that failed mid-way reruns it next time."""
     lakehouse = Lakehouse(tmp_path, spark)
     sim = Simulator(tmp_path, seed=6, patients=2, devices=2)
@@ -113,7 +105,7 @@ def test_a_query_that_did_not_complete_is_not_skipped(tmp_path, spark, no_settle
     assert_gold_matches_oracle(lakehouse)
 
 
-def test_a_fresh_dagster_instance_runs_the_queries_once(tmp_path, spark, no_settle):
+def test_a_fresh_dagster_instance_runs_the_queries_once(tmp_path, spark):
     """Without earlier check verdicts to carry over, nothing is skipped."""
     sim = Simulator(tmp_path, seed=7, patients=2, devices=2)
     sim.land_patients()
@@ -121,3 +113,20 @@ def test_a_fresh_dagster_instance_runs_the_queries_once(tmp_path, spark, no_sett
     Lakehouse(tmp_path, spark).run()
     again = materialized(Lakehouse(tmp_path, spark).run())  # a new, empty instance
     assert not any(m.get("input_unchanged") for m in again.values())
+
+
+def test_a_file_landing_within_the_clock_tick_of_a_run_is_not_skipped(tmp_path, spark):
+    """A landing folder's mark is its file names: a file renamed in just after a run read the folder,
+    within the file system's clock tick, leaves the folder's mtime unchanged but is still new."""
+    lakehouse = Lakehouse(tmp_path, spark)
+    sim = Simulator(tmp_path, seed=9, patients=2, devices=2)
+    sim.land_patients()
+    sim.land_recordings(files=1, records=40)
+    lakehouse.run()  # right after the landing: the marks are recorded all the same
+    landing = lakehouse.resource.recordings_landing
+    folder_times = (landing.stat().st_atime_ns, landing.stat().st_mtime_ns)
+    sim.land_recordings(files=1, records=40, wave=1)
+    os.utime(landing, ns=folder_times)  # as if it landed in the same clock tick
+    ran = {t for t, m in materialized(lakehouse.run()).items() if not m.get("input_unchanged")}
+    assert {"bronze/recordings", "silver/recordings"} <= ran and "bronze/patients" not in ran
+    assert_gold_matches_oracle(lakehouse)

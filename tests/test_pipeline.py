@@ -132,7 +132,8 @@ def test_two_waves_then_idle_match_the_oracle(lakehouse):
     result = lakehouse.run()
     assert snapshot_tables(lakehouse.root) == before
     bronze = lakehouse.materialization_metadata(result, "bronze/recordings")
-    assert bronze["micro_batches"] == 0 and bronze["rows_added"] == 0
+    # Skipped: the runs before recorded what they read, though they ran right after the landings.
+    assert bronze["rows_added"] == 0 and bronze["input_unchanged"]
 
 
 def test_hostile_input_never_fails_a_run(lakehouse):
