@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import timedelta
 from pathlib import Path
 
@@ -448,12 +448,12 @@ def gold(
     if to_build:
         session = spark.spark_session  # started before the threads, which share it
         with ThreadPoolExecutor(len(to_build), thread_name_prefix="gold") as pool:
-            futures = {table.name: pool.submit(table.materialize, session) for table in to_build}
-        for name, future in futures.items():
-            try:
-                yield from future.result()
-            except Exception as exc:  # reported below, after the tables that were built
-                failed.append((name, exc))
+            futures = {pool.submit(table.materialize, session): table.name for table in to_build}
+            for future in as_completed(futures):  # each table reported as soon as it is built
+                try:
+                    yield from future.result()
+                except Exception as exc:  # reported below, after the tables that were built
+                    failed.append((futures[future], exc))
     for name, exc in failed[1:]:
         context.log.error(f"{name} failed too: {exc}")
     if failed:
