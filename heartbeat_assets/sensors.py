@@ -104,7 +104,10 @@ def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description
     @sensor(
         name=name,
         job=medallion_job,
-        minimum_interval_seconds=5,
+        # The daemon evaluates sensors at most every 5 s (its loop). A minimum of 5 s would skip the
+        # next loop whenever a tick started a little late, so files would wait 10 s; a tick on an
+        # unchanged folder is one `stat`.
+        minimum_interval_seconds=1,
         default_status=DefaultSensorStatus.RUNNING,
         description=description,
     )
