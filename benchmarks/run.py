@@ -280,6 +280,8 @@ def bench_latency(root: Path, args, results: dict, remote: str | None = None) ->
     """
     from dagster import AssetKey, DagsterInstance
 
+    from resources import TABLES
+
     name = "latency_connect" if remote else "latency"
     workspace = Workspace(root, name)
     land(workspace, 4, 100, wave=0, devices=4)
@@ -293,10 +295,7 @@ def bench_latency(root: Path, args, results: dict, remote: str | None = None) ->
         start_new_session=True,
     )
     # Gold is updated when each of its tables is: its queries run at the same time, in any order.
-    gold = [
-        AssetKey(["gold", table])
-        for table in ("heartrate_by_patient", "daily_patient_avg", "device_signal_loss")
-    ]
+    gold = [AssetKey(table.split("/")) for table in TABLES if table.startswith("gold/")]
     os.environ["DAGSTER_HOME"] = str(workspace.home)
     latencies = []
     try:

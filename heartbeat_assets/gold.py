@@ -195,7 +195,6 @@ class GoldTable:
         self.snapshots = self.checkpoint / "_aggregate"
         self.aggregate, self.aggregate_schema, self.build = aggregate, aggregate_schema, build
         self.settings, self.uses_patients, self.reports_new_rows = settings, uses_patients, reports_new_rows
-        self.spark: SparkSession | None = None
 
     def prepare(self) -> list | None:
         """Reset the table on a full refresh and check its settings; the step's results if its inputs
@@ -207,15 +206,13 @@ class GoldTable:
             inputs_read.append(self.lakehouse.table("silver/patients"))
         self.watch = InputWatch(self.checkpoint, inputs_read, self.settings)
         nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if self.reports_new_rows else {}
-        skipped = unchanged_results(self.context, self.watch, [self.key], nothing_new)
-        if skipped is None:  # what `materialize` needs from the event log, read where the step runs
-            self.silver_rows = latest_metadata(self.context, silver.RECORDINGS, "dagster/row_count") or 0
-            self.landed = latest_metadata(self.context, bronze.RECORDINGS, "newest_file_modified_at")
-        return skipped
+        return unchanged_results(self.context, self.watch, [self.key], nothing_new)
 
-    def materialize(self, spark: SparkSession) -> list:
-        """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks."""
-        self.spark = spark
+    def materialize(self, spark: SparkSession, silver_rows: int, landed: float | None) -> list:
+        """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks.
+
+        `silver_rows` is silver/recordings' row count, `landed` when bronze's newest file landed.
+        """
         recordings = silver.read_table_stream(
             spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
         )
@@ -247,8 +244,8 @@ class GoldTable:
                 new_alerts = self._rows_not_in_current_table(table)
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
             table.unpersist()  # a no-op unless cached above
-            if self.landed:  # seconds from the newest recording file landing (as bronze saw it)
-                metadata["landing_to_gold_latency_s"] = round(time.time() - self.landed, 3)
+            if landed:  # seconds from the newest recording file landing (as bronze saw it)
+                metadata["landing_to_gold_latency_s"] = round(time.time() - landed, 3)
         written = spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
             metadata["preview"] = MetadataValue.md(markdown_preview(written))
@@ -257,7 +254,7 @@ class GoldTable:
             checks.schema_check(self.name, written),
         ]
         if self.uses_patients:
-            results.append(self._counts_check(written, aggregated))
+            results.append(self._counts_check(written, aggregated, silver_rows))
         if self.reports_new_rows:
             results.append(self._new_alerts_check(new_alerts))
         self.watch.record()
@@ -276,14 +273,14 @@ class GoldTable:
         """Rows of the rebuilt table that the current version lacks (read before it is replaced)."""
         if not data_files(self.table):
             return [tuple(row) for row in table.collect()]
-        current = self.spark.read.schema(table.schema).parquet(str(self.table))
+        current = table.sparkSession.read.schema(table.schema).parquet(str(self.table))
         return [tuple(row) for row in table.exceptAll(current).orderBy("device_id", "window_start").collect()]
 
-    def _counts_check(self, written: DataFrame, aggregated: DataFrame) -> AssetCheckResult:
+    def _counts_check(self, written: DataFrame, aggregated: DataFrame, silver_rows: int) -> AssetCheckResult:
         """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
         # Each known mrn once: a patient listed twice would count its recordings twice in gold.
         patients = (
-            silver.read_patients(self.spark, self.lakehouse)
+            silver.read_patients(written.sparkSession, self.lakehouse)
             .select("mrn")
             .distinct()
             .withColumn("known", F.lit(True))
@@ -303,9 +300,9 @@ class GoldTable:
         return AssetCheckResult(
             asset_key=self.key,
             check_name="counts_match_silver",
-            passed=in_gold == of_known and in_aggregate == self.silver_rows,
+            passed=in_gold == of_known and in_aggregate == silver_rows,
             metadata={"gold_count": in_gold, "silver_rows_of_known_patients": of_known,
-                      "aggregated_rows": in_aggregate, "silver_rows": self.silver_rows},
+                      "aggregated_rows": in_aggregate, "silver_rows": silver_rows},
         )  # fmt: skip
 
     def _latest_snapshot(self) -> Path | None:
@@ -446,9 +443,14 @@ def gold(
         else:
             yield from skipped
     if to_build:
+        # Read once for every table, here: the threads touch only Spark and files.
+        silver_rows = latest_metadata(context, silver.RECORDINGS, "dagster/row_count") or 0
+        landed = latest_metadata(context, bronze.RECORDINGS, "newest_file_modified_at")
         session = spark.spark_session  # started before the threads, which share it
         with ThreadPoolExecutor(len(to_build), thread_name_prefix="gold") as pool:
-            futures = {pool.submit(table.materialize, session): table.name for table in to_build}
+            futures = {
+                pool.submit(table.materialize, session, silver_rows, landed): table.name for table in to_build
+            }
             for future in as_completed(futures):  # each table reported as soon as it is built
                 try:
                     yield from future.result()
