@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from heartbeat_assets.simulator import Simulator
+from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keepers
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -55,8 +56,9 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> Measured:
         out.flush()
         process = psutil.Popen(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak = 0
+        warm_jvm = env.get("HEARTBEAT_WARM_JVM", "").strip() not in ("0", "0.0")
         while process.poll() is None:
-            peak = max(peak, _tree_memory(process))
+            peak = max(peak, _tree_memory(process, warm_jvm))
             time.sleep(0.1)
     wall = time.perf_counter() - started
     if process.returncode != 0:
@@ -64,25 +66,37 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> Measured:
     return Measured(round(wall, 2), round(peak / 2**20, 1))
 
 
-def _tree_memory(process: psutil.Process) -> int:
+def _tree_memory(process: psutil.Process, warm_jvm: bool = True) -> int:
     """Resident memory of a process tree, in bytes, each shared page counted once.
 
     Summing plain RSS would count the JVM twice whenever it forks a helper process (Hadoop's local
     file system does, for permissions): the child shares all of its parent's pages for a moment.
     The proportional set size (PSS) splits shared pages among the processes that map them.
+    The warm driver JVM a run uses (`resources.jvm.WarmDriver`) is not the run's child: unless the
+    run starts its own JVM (`warm_jvm` false), the keeper's process tree counts as the run's too.
     """
     total = 0
-    try:
-        members = [process, *process.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for member in members:
+    members: dict[int, psutil.Process] = {}
+    keepers = warm_driver_keepers(default_cache_dir()) if warm_jvm else []
+    for leader in [process, *(_process(pid) for pid in keepers)]:
+        try:
+            members.update((member.pid, member) for member in [leader, *leader.children(recursive=True)])
+        except (psutil.Error, AttributeError):
+            continue
+    for member in members.values():
         try:
             with open(f"/proc/{member.pid}/smaps_rollup") as rollup:
                 total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
         except (OSError, StopIteration):  # exited while we looked
             continue
     return total
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 class Workspace:
@@ -103,8 +117,8 @@ class Workspace:
             **extra,
         }
 
-    def medallion(self) -> Measured:
-        return measure(MEDALLION, self.env(), self.log)
+    def medallion(self, **extra: str) -> Measured:
+        return measure(MEDALLION, self.env(**extra), self.log)
 
     def baseline(self) -> Measured:
         return measure([sys.executable, "-m", "benchmarks.baseline", str(self.data)], self.env(), self.log)
@@ -126,7 +140,7 @@ def prepare_class_archive(root: Path, results: dict) -> None:
     Its run is recorded apart: it costs once per machine (and Java or pyspark version), like setup.
     """
     from resources import LakehouseResource, SparkSessionResource
-    from resources.jvm import ClassArchive, default_cache_dir
+    from resources.jvm import ClassArchive
 
     cache = default_cache_dir()
     config = SparkSessionResource(lakehouse=LakehouseResource(data_dir=str(root))).session_config()
@@ -134,7 +148,8 @@ def prepare_class_archive(root: Path, results: dict) -> None:
         return
     workspace = Workspace(root, "first-run")
     land(workspace, 2, 100, wave=0, devices=4)
-    results["first_run_writes_class_archive"] = asdict(workspace.medallion())
+    # A JVM of the run's own writes the archive as the run ends (a warm one only when it idles out).
+    results["first_run_writes_class_archive"] = asdict(workspace.medallion(HEARTBEAT_WARM_JVM="0"))
     print(f"  first run on this machine: {results['first_run_writes_class_archive']}", flush=True)
 
 
@@ -156,6 +171,12 @@ def bench_load(root: Path, args, results: dict) -> None:
     if not args.skip_baseline:
         results["plus_10_files"]["baseline"] = asdict(base.baseline())
     print(f"  +10 files: {results['plus_10_files']}", flush=True)
+    # The same with a JVM started by the run, as without the warm driver JVM.
+    land(ours, 10, per_file, wave=2)
+    results["plus_10_files_jvm_per_run"] = {"ours": asdict(ours.medallion(HEARTBEAT_WARM_JVM="0"))}
+    if "baseline" in results["plus_10_files"]:
+        results["plus_10_files_jvm_per_run"]["baseline"] = results["plus_10_files"]["baseline"]
+    print(f"  +10 files, a JVM per run: {results['plus_10_files_jvm_per_run']}", flush=True)
     results["idle_run"] = {"ours": asdict(ours.medallion())}
     print(f"  idle: {results['idle_run']}", flush=True)
 
@@ -394,7 +415,11 @@ def table(results: dict) -> str:
 
     session = results["session_start"]["wall_s"]
     rows = [("measurement", "ours", "baseline", "ratio", "target")]
-    for key, label in (("initial_load", "initial load, all layers (s)"), ("plus_10_files", "+10 files (s)")):
+    for key, label in (
+        ("initial_load", "initial load, all layers (s)"),
+        ("plus_10_files", "+10 files (s)"),
+        ("plus_10_files_jvm_per_run", "+10 files, a JVM per run: HEARTBEAT_WARM_JVM=0 (s)"),
+    ):
         if key not in results:
             continue
         ours, base = wall(key), wall(key, "baseline")
@@ -461,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="heartbeat-bench-"))
     print(f"Working in {root} (logs: {root}/*.log)", flush=True)
     results: dict = {}
+    # No warm driver JVM from before: the first timed run starts one, as on a machine just booted.
+    stop_warm_drivers(default_cache_dir())
     try:
         results["session_start"] = asdict(measure(SESSION_START, dict(os.environ), root / "session.log"))
         prepare_class_archive(root, results)
@@ -474,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
                 with connect_server(root) as remote:
                     bench_latency(root, args, results, remote)
     finally:
+        stop_warm_drivers(default_cache_dir())
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     commit = subprocess.run(

@@ -2,12 +2,14 @@
 
 Inactive unless `HEARTBEAT_KILL_AT` names a point (shell-style patterns allowed, `@N` to kill at the
 N-th time a matching point is passed). Killing the whole process group takes Spark's JVM down with
-the Python process, as when a machine dies.
+the Python process, as when a machine dies; so does killing the warm driver JVM the run uses.
 """
 
 import os
 import signal
 from fnmatch import fnmatch
+
+from resources import jvm
 
 KILL_AT_ENV = "HEARTBEAT_KILL_AT"
 _passed: dict[str, int] = {}
@@ -22,4 +24,6 @@ def kill_point(name: str) -> None:
         return
     _passed[pattern] = _passed.get(pattern, 0) + 1
     if _passed[pattern] == int(nth or 1):
+        if jvm.attached_jvm_pid:
+            os.kill(jvm.attached_jvm_pid, signal.SIGKILL)
         os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -18,6 +18,7 @@ def resources_from_env(environ=os.environ) -> dict:
       `sc://` URL in `HEARTBEAT_SPARK_MASTER` means the same).
     - `HEARTBEAT_SPARK_CONF`: a JSON object of extra `spark.*` settings.
     - `HEARTBEAT_TABLE_PREVIEWS`: `0` keeps rows of gold tables (patient names) out of Dagster.
+    - `HEARTBEAT_WARM_JVM`: seconds a local driver JVM waits for the next run (default 600; 0: none).
     - `HEARTBEAT_SPARK_LOG_LEVEL`: Spark's log level (default WARN; INFO or DEBUG to see more).
     - `HEARTBEAT_QUARANTINE_WARN` / `_ERROR`: quarantine-rate check thresholds (default 0.01 and 0.2).
     """
@@ -43,6 +44,14 @@ def resources_from_env(environ=os.environ) -> dict:
         spark_options["master"] = master
     if remote:
         spark_options["remote"] = remote
+    if environ.get("HEARTBEAT_WARM_JVM", "").strip():
+        try:
+            spark_options["keep_jvm_warm_s"] = float(environ["HEARTBEAT_WARM_JVM"])
+        except ValueError:
+            raise ValueError(
+                "HEARTBEAT_WARM_JVM must be the seconds a local driver JVM waits for the next run "
+                f"(0: a JVM per run), not {environ['HEARTBEAT_WARM_JVM']!r}"
+            ) from None
     if environ.get("HEARTBEAT_SPARK_CONF"):
         try:
             spark_config = json.loads(environ["HEARTBEAT_SPARK_CONF"])

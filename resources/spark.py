@@ -14,7 +14,7 @@ from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 from pyspark import SparkContext
 
-from resources.jvm import ClassArchive, default_cache_dir, java_binary
+from resources.jvm import WARM_IDLE_S, ClassArchive, WarmDriver, default_cache_dir, java_binary
 from resources.lakehouse import LakehouseResource
 
 #: Defaults suited to a laptop; any key can be overridden through `spark_config`.
@@ -97,9 +97,15 @@ class SparkSessionResource(LazyPySparkResource):
         default=True,
         description="Stop the session when the run ends (tests keep one session for the whole suite).",
     )
+    keep_jvm_warm_s: float = Field(
+        default=WARM_IDLE_S,
+        description="With a local master: keep the driver JVM this many seconds after a run, for the "
+        "next run to use (it skips the JVM's start and cold code); 0 starts a JVM per run.",
+    )
 
     _exit_stack: ExitStack | None = PrivateAttr(default=None)
     _class_archive: ClassArchive | None = PrivateAttr(default=None)
+    _warm_driver: WarmDriver | None = PrivateAttr(default=None)
 
     @field_validator("master")
     @classmethod
@@ -148,6 +154,8 @@ class SparkSessionResource(LazyPySparkResource):
                 )
         else:
             config = self.session_config()
+            if self._take_warm_driver(config):
+                return
             # A JVM this process starts now (none runs yet) may write the class archive at its end.
             # Java options that choose their own archive (or none) are left alone.
             java_options = config.get("spark.driver.extraJavaOptions", "")
@@ -159,9 +167,58 @@ class SparkSessionResource(LazyPySparkResource):
             self._spark_session = build_spark_session(config)
             self._spark_session.sparkContext.setLogLevel(self.log_level)
 
+    def _take_warm_driver(self, config: dict[str, str]) -> bool:
+        """Start the session in the warm driver JVM (starting that JVM if none runs); False if not."""
+        cache_dir = default_cache_dir()
+        wanted = self.stop_on_teardown and self.keep_jvm_warm_s > 0 and self.master.startswith("local")
+        if not (wanted and cache_dir and SparkContext._gateway is None):
+            return False
+        warm = WarmDriver(cache_dir, config, self.keep_jvm_warm_s)
+        attach = warm.take()
+        if attach is None:
+            get_dagster_logger().info(
+                f"The warm driver JVM is in use by another run or could not start (see {warm.log_path}): "
+                "this run starts a JVM of its own."
+            )
+            return False
+        self._warm_driver = warm
+        try:
+            os.environ.update(attach)  # read once, when pyspark connects
+            try:
+                self._spark_session = build_spark_session(config)
+            finally:
+                for key in attach:
+                    os.environ.pop(key, None)
+            self._spark_session.sparkContext.setLogLevel(self.log_level)
+        except BaseException:
+            self._release_warm_driver()
+            raise
+        get_dagster_logger().info(
+            f"Spark runs in the warm driver JVM (pid {warm.jvm_pid}); its log is {warm.log_path}."
+        )
+        return True
+
+    def _release_warm_driver(self) -> None:
+        """Leave the warm JVM clean for the next run: no query, no SparkContext, no state store open."""
+        warm, self._warm_driver = self._warm_driver, None
+        try:
+            if self._spark_session is not None:
+                for query in self._spark_session.streams.active:
+                    query.stop()
+                self._spark_session.stop()
+            if SparkContext._jvm is not None:
+                SparkContext._jvm.org.apache.spark.sql.execution.streaming.state.StateStore.stop()
+        except BaseException:
+            warm.discard()  # a JVM left in an unknown state serves no other run
+            raise
+        finally:
+            warm.release()
+
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         try:
-            if self.stop_on_teardown and self._spark_session is not None:
+            if self._warm_driver is not None:
+                self._release_warm_driver()
+            elif self.stop_on_teardown and self._spark_session is not None:
                 self._spark_session.stop()
                 if self._class_archive is not None and self._class_archive.creating:
                     self._class_archive.finish(SparkContext._gateway.proc)

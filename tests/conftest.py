@@ -11,6 +11,7 @@ from hypothesis import settings
 
 from heartbeat_assets.definitions import build_definitions
 from resources import TABLES, LakehouseResource, SparkSessionResource
+from resources.jvm import default_cache_dir, stop_warm_drivers
 from resources.spark import build_spark_session
 
 # Fuzz tests run 25 examples; HYPOTHESIS_PROFILE=thorough runs 300.
@@ -28,6 +29,13 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_warm_jvm_left_behind():
+    """Runs the tests start in processes of their own keep a warm driver JVM: end them with the suite."""
+    yield
+    stop_warm_drivers(default_cache_dir())
 
 
 def free_port() -> int:

@@ -77,6 +77,10 @@ def test_resources_from_the_environment(tmp_path):
     assert config["spark.master"] == "spark://cluster:7077" and config["spark.executor.memory"] == "4g"
     with pytest.raises(ValueError, match="HEARTBEAT_SPARK_CONF must be a JSON object"):
         resources_from_env({"HEARTBEAT_SPARK_CONF": "executor.memory=4g"})
+    assert resources["spark"].keep_jvm_warm_s == 600
+    assert resources_from_env({**env, "HEARTBEAT_WARM_JVM": "0"})["spark"].keep_jvm_warm_s == 0
+    with pytest.raises(ValueError, match="HEARTBEAT_WARM_JVM must be the seconds"):
+        resources_from_env({**env, "HEARTBEAT_WARM_JVM": "10m"})
 
 
 def test_data_root_as_a_file_uri(tmp_path):

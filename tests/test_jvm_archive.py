@@ -16,7 +16,11 @@ from resources import LakehouseResource, SparkSessionResource
 
 spark_config = json.loads(sys.argv[2])
 lakehouse = LakehouseResource(data_dir=sys.argv[1])
-resource = SparkSessionResource(lakehouse=lakehouse, master="local[1]", spark_config=spark_config)
+# A JVM of the session's own (the warm driver JVM, which writes the archive when it ends, is
+# tested in test_warm_jvm.py).
+resource = SparkSessionResource(
+    lakehouse=lakehouse, master="local[1]", spark_config=spark_config, keep_jvm_warm_s=0
+)
 with build_resources({"spark": resource}) as resources:
     spark = resources.spark.spark_session
     assert spark.range(1000).selectExpr("sum(id)").first()[0] == 499500

@@ -1,0 +1,164 @@
+"""The warm driver JVM: runs with a local master take turns in one JVM kept between them.
+
+Every session here is a process of its own, as a run is, attached through the resource; each runs an
+availableNow query whose `foreachBatch` calls back into that process. The JVM cache (and the
+keepers' folders) are the test's own.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keepers
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+SESSION = """
+import json, sys, time
+from pathlib import Path
+from dagster import build_resources
+from resources import LakehouseResource, SparkSessionResource
+
+data, hold, idle_s = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+(data / "in").mkdir(parents=True, exist_ok=True)
+(data / "in" / "part.json").write_text("".join(f'{{"n": {n}}}\\n' for n in range(10)))
+lakehouse = LakehouseResource(data_dir=str(data))
+resource = SparkSessionResource(
+    lakehouse=lakehouse, master="local[1]", shuffle_partitions=1, keep_jvm_warm_s=idle_s
+)
+with build_resources({"spark": resource}) as resources:
+    spark = resources.spark.spark_session
+    sums = []
+    stream = spark.readStream.schema("n long").json(str(data / "in"))
+    query = (
+        stream.writeStream.foreachBatch(lambda df, _: sums.append(df.groupBy().sum("n").first()[0]))
+        .option("checkpointLocation", str(data / "checkpoint"))
+        .trigger(availableNow=True)
+        .start()
+    )
+    query.awaitTermination()
+    runtime = spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    found = {"jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums}
+    print("RESULT", json.dumps(found))
+    sys.stdout.flush()
+    while hold and not Path(hold).exists():
+        time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def cache(tmp_path, request):
+    """An empty JVM cache, but for the class archives of the machine's (each JVM that ends without
+    one spends ~10 s writing it); the archive test starts without them."""
+    cache = tmp_path / "jvm-cache"
+    cache.mkdir()
+    if "class_archive" not in request.node.name and default_cache_dir():
+        for archive in default_cache_dir().glob("*.jsa"):
+            shutil.copy(archive, cache)
+    yield cache
+    stop_warm_drivers(cache)
+
+
+def start_session(tmp_path: Path, cache: Path, name: str, hold: Path | None = None, idle_s: str = "60"):
+    env = {**os.environ, "HEARTBEAT_JVM_CACHE": str(cache)}
+    return subprocess.Popen(
+        [sys.executable, "-c", SESSION, str(tmp_path / name), str(hold or ""), idle_s],
+        cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def session_result(process: subprocess.Popen) -> dict:
+    """The first line the session prints (its JVM, its application, what its query saw)."""
+    for line in process.stdout:  # Spark may print before it
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    raise AssertionError(f"the session failed: {process.stderr.read()[-3000:]}")
+
+
+def run_session(tmp_path: Path, cache: Path, name: str, **options) -> dict:
+    process = start_session(tmp_path, cache, name, **options)
+    result = session_result(process)
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    return result
+
+
+def keeper_gateway(cache: Path) -> dict:
+    (gateway,) = cache.glob("warm-driver-*/gateway.json")
+    return json.loads(gateway.read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
+    first = run_session(tmp_path, cache, "first")
+    second = run_session(tmp_path, cache, "second")
+    assert first["sums"] == second["sums"] == [45]  # each process got its own foreachBatch calls
+    assert first["jvm_pid"] == second["jvm_pid"] == keeper_gateway(cache)["jvm_pid"]
+    assert first["app"] != second["app"], "each run has a SparkContext of its own"
+    assert not list(cache.glob("warm-driver-*/attached")), "a run that ended left the JVM marked as taken"
+    assert alive(first["jvm_pid"]), "the JVM waits for the next run"
+
+
+def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
+    hold = tmp_path / "release"
+    holder = start_session(tmp_path, cache, "holder", hold=hold)
+    try:
+        taken = session_result(holder)
+        other = run_session(tmp_path, cache, "other")
+    finally:
+        hold.touch()
+    assert holder.wait(timeout=120) == 0
+    assert other["sums"] == [45]
+    assert other["jvm_pid"] != taken["jvm_pid"]
+    wait_until(lambda: not alive(other["jvm_pid"]), timeout=30, what="a run's own JVM ends with the run")
+    assert keeper_gateway(cache)["jvm_pid"] == taken["jvm_pid"]
+
+
+def test_a_run_killed_while_attached_takes_the_jvm_down_with_it(tmp_path, cache):
+    """As a run's own JVM dies with it, so the warm one: no query of a dead run goes on writing."""
+    victim = start_session(tmp_path, cache, "victim", hold=tmp_path / "never")
+    jvm_pid = session_result(victim)["jvm_pid"]
+    keeper = keeper_gateway(cache)["keeper_pid"]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    wait_until(lambda: not alive(jvm_pid), timeout=10, what="the dead run's JVM is killed")
+    wait_until(lambda: not alive(keeper), timeout=10, what="its keeper ends")
+    assert not warm_driver_keepers(cache)
+    assert not list(cache.glob("warm-driver-*/attached"))
+
+    after = run_session(tmp_path, cache, "after")
+    assert after["sums"] == [45]
+    assert after["jvm_pid"] != jvm_pid
+
+
+def test_an_idle_jvm_ends_and_leaves_the_class_archive(tmp_path, cache):
+    """The first JVM on a machine writes the class archive when it ends, here after 1 s idle."""
+    result = run_session(tmp_path, cache, "only", idle_s="1")
+    keeper = keeper_gateway(cache)["keeper_pid"]
+    wait_until(lambda: not alive(keeper), timeout=120, what="the idle keeper ends")
+    assert not alive(result["jvm_pid"])
+    assert not list(cache.glob("warm-driver-*/gateway.json"))
+    (archive,) = cache.glob("*.jsa")
+    assert archive.stat().st_size > 10 * 2**20
