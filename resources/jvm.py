@@ -272,6 +272,19 @@ class WarmDriver:
         (self.dir / "attached").unlink(missing_ok=True)
 
 
+def forget_java_objects(gateway) -> None:
+    """Drop the gateway's references to the Java objects this process was handed.
+
+    py4j frees one when the Python side collects its handle; a process that exits never does, so in
+    a JVM that outlives its runs they would pile up (with the plans and sessions they hold).
+    """
+    from py4j.java_gateway import JavaObject
+
+    keys = JavaObject("GATEWAY_SERVER", gateway._gateway_client).getGateway().getBindings().keySet()
+    # Objects are "o<n>"; the gateway's own entries ("j", "t", "GATEWAY_SERVER") stay.
+    keys.retainAll([key for key in keys.toArray() if not key.startswith("o")])
+
+
 def warm_driver_keepers(cache_dir: Path | None) -> list[int]:
     """The pids of the keepers of warm driver JVMs under `cache_dir` (each leads its process group)."""
     pids = []

@@ -8,13 +8,21 @@ from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlparse
 
+import py4j.protocol
 from dagster import Failure, InitResourceContext, get_dagster_logger
 from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 from pyspark import SparkContext
 
-from resources.jvm import WARM_IDLE_S, ClassArchive, WarmDriver, default_cache_dir, java_binary
+from resources.jvm import (
+    WARM_IDLE_S,
+    ClassArchive,
+    WarmDriver,
+    default_cache_dir,
+    forget_java_objects,
+    java_binary,
+)
 from resources.lakehouse import LakehouseResource
 
 #: Defaults suited to a laptop; any key can be overridden through `spark_config`.
@@ -182,6 +190,10 @@ class SparkSessionResource(LazyPySparkResource):
             )
             return False
         self._warm_driver = warm
+        # py4j numbers the Python objects it hands the JVM p0, p1, ... in every process. A JVM that
+        # collects an object of an earlier run tells the Python side to drop its number, which would
+        # then drop this run's object of that number: numbers unique to this process prevent that.
+        py4j.protocol.PYTHON_PROXY_PREFIX = f"p{os.getpid()}_"
         try:
             os.environ.update(attach)  # read once, when pyspark connects
             try:
@@ -208,6 +220,7 @@ class SparkSessionResource(LazyPySparkResource):
                 self._spark_session.stop()
             if SparkContext._jvm is not None:
                 SparkContext._jvm.org.apache.spark.sql.execution.streaming.state.StateStore.stop()
+                forget_java_objects(SparkContext._gateway)
         except BaseException:
             warm.discard()  # a JVM left in an unknown state serves no other run
             raise

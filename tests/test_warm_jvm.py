@@ -37,12 +37,12 @@ with build_resources({"spark": resource}) as resources:
     spark = resources.spark.spark_session
     sums = []
     stream = spark.readStream.schema("n long").json(str(data / "in"))
-    query = (
-        stream.writeStream.foreachBatch(lambda df, _: sums.append(df.groupBy().sum("n").first()[0]))
-        .option("checkpointLocation", str(data / "checkpoint"))
-        .trigger(availableNow=True)
-        .start()
-    )
+    writer = stream.writeStream.foreachBatch(lambda df, _: sums.append(df.groupBy().sum("n").first()[0]))
+    # The JVM collects what earlier runs left (their Python objects' proxies); that must not
+    # touch this run's own.
+    spark._jvm.java.lang.System.gc()
+    spark._jvm.java.lang.System.runFinalization()
+    query = writer.option("checkpointLocation", str(data / "checkpoint")).trigger(availableNow=True).start()
     query.awaitTermination()
     runtime = spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
     found = {"jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums}
