@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,8 @@ from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keep
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = PROJECT / "benchmarks" / "results"
+#: Dagster's daemon evaluates sensors at most this often (`MIN_INTERVAL_LOOP_TIME`).
+SENSOR_LOOP_S = 5
 MEDALLION = [str(BIN / "dagster"), "job", "execute", "-m", "heartbeat_assets", "-j", "medallion"]
 SESSION_START = [
     sys.executable,
@@ -323,9 +326,12 @@ def bench_latency(root: Path, args, results: dict, remote: str | None = None) ->
         instance = DagsterInstance.get()
         _wait(lambda: _materialized_after(instance, gold, 0), 300, "the first sensor run")
         sim = Simulator(workspace.data, seed=5, patients=4, devices=4)
+        # Files land at any moment of the sensor daemon's 5 s cycle. A fixed pause after the last run
+        # would land each at the same point of the cycle, and so wait about as long for every tick.
+        pauses = random.Random(5)
         for landing in range(args.latency_landings):
             _wait(lambda: _idle(instance), 120, "runs to finish")
-            time.sleep(1)
+            time.sleep(1 + pauses.uniform(0, SENSOR_LOOP_S))
             landed_at = time.time()
             sim.land_recordings(1, 100, wave=10 + landing)
             updated = _wait(
