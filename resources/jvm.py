@@ -187,7 +187,7 @@ class WarmDriver:
         or it cannot start (the run then starts a JVM of its own; `jvm.log` says why).
         """
         global attached_jvm_pid
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its files say how to drive the JVM
         lock = open(self.dir / "lock", "a+")
         if not _lock(lock, TAKE_TIMEOUT_S):
             lock.close()
