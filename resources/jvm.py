@@ -128,6 +128,8 @@ WATCH_INTERVAL_S = 0.2
 TAKE_TIMEOUT_S = 2.0
 #: How long a run waits for a new keeper's JVM to accept connections.
 START_TIMEOUT_S = 120.0
+#: The warm JVM's log (`jvm.log`) is rotated past this size: a JVM may serve runs for weeks.
+LOG_MAX_BYTES = 16 * 2**20
 #: Settings that act when the JVM starts; every other setting is the SparkContext's, set per run.
 LAUNCH_SETTINGS = ("spark.driver.", "spark.jars", "spark.files", "spark.submit.")
 #: Environment that the JVM or spark-submit reads when it starts.
@@ -238,7 +240,8 @@ class WarmDriver:
         (self.dir / "launch.json").write_text(json.dumps(launch))
         (self.dir / "gateway.json").unlink(missing_ok=True)
         environment = {k: v for k, v in os.environ.items() if k not in GATEWAY_ENVIRONMENT}
-        with open(self.log_path, "w") as log:
+        # Appending, so that the keeper can empty the file under the JVM (see `cap_log`).
+        with open(self.log_path, "w"), open(self.log_path, "a") as log:
             # A session of its own: the keeper outlives this run and its process group.
             self._keeper = subprocess.Popen(
                 [sys.executable, "-P", os.path.abspath(__file__), "keep", str(self.dir)],
@@ -305,6 +308,18 @@ def stop_warm_drivers(cache_dir: Path | None) -> None:
         os.kill(pid, signal.SIGTERM)
     for pid in warm_driver_keepers(cache_dir):
         _wait_gone(pid, timeout=DUMP_TIMEOUT_S)
+
+
+def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep a log that a long-lived JVM appends to under `max_bytes`: past it, the log is copied to
+    `<name>.1` (replacing the one before) and emptied, as logrotate's copytruncate does."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+        shutil.copyfile(path, path.with_name(path.name + ".1"))
+        os.truncate(path, 0)  # the JVM appends (O_APPEND), so it goes on writing from the start
+    except OSError:
+        pass
 
 
 def _lock(handle, timeout: float) -> bool:
@@ -392,6 +407,7 @@ def keep(directory: Path) -> None:
 
         while jvm.poll() is None:
             time.sleep(WATCH_INTERVAL_S)
+            cap_log(directory / "jvm.log")
             if not ((directory / "attached").exists() or stopping or idle()) or not _lock(lock, 0):
                 continue
             # No run holds the JVM: the last one died attached, or it idles, or we were told to stop.

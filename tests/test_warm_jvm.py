@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keepers
+from resources.jvm import cap_log, default_cache_dir, stop_warm_drivers, warm_driver_keepers
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -162,3 +162,21 @@ def test_an_idle_jvm_ends_and_leaves_the_class_archive(tmp_path, cache):
     assert not list(cache.glob("warm-driver-*/gateway.json"))
     (archive,) = cache.glob("*.jsa")
     assert archive.stat().st_size > 10 * 2**20
+
+
+def test_the_jvm_log_is_rotated_under_the_writer(tmp_path):
+    """The JVM keeps appending to its log for as long as it lives; past the cap the keeper moves the
+    log's content to `jvm.log.1` and empties it, and the JVM's next lines land at its start."""
+    log = tmp_path / "jvm.log"
+    with open(log, "a") as jvm_output:  # the JVM's stdout, as the keeper opens it
+        jvm_output.write("x" * 100 + "\n")
+        jvm_output.flush()
+        cap_log(log, max_bytes=1000)
+        assert log.stat().st_size == 101, "under the cap nothing moves"
+        jvm_output.write("y" * 1000 + "\n")
+        jvm_output.flush()
+        cap_log(log, max_bytes=1000)
+        jvm_output.write("after\n")
+        jvm_output.flush()
+    assert log.read_text() == "after\n"
+    assert (tmp_path / "jvm.log.1").read_text() == "x" * 100 + "\n" + "y" * 1000 + "\n"
