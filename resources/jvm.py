@@ -424,7 +424,10 @@ def keep(directory: Path) -> None:
             archive.finish(jvm)
         else:
             jvm.stdin.close()  # the gateway JVM exits when its stdin closes
-            jvm.wait()
+            try:
+                jvm.wait(timeout=DUMP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass  # killed below
     finally:
         if jvm.poll() is None:
             jvm.kill()
