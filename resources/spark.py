@@ -226,6 +226,8 @@ class SparkSessionResource(LazyPySparkResource):
             raise
         finally:
             warm.release()
+            # That JVM is the next run's now: a later session of this process starts its own.
+            SparkContext._gateway = SparkContext._jvm = None
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         try:

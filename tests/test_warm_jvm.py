@@ -50,6 +50,13 @@ with build_resources({"spark": resource}) as resources:
     sys.stdout.flush()
     while hold and not Path(hold).exists():
         time.sleep(0.05)
+if sys.argv[4:] == ["after"]:  # a session after the run: the warm JVM is no longer this process's
+    from pyspark.sql import SparkSession
+
+    later = SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false").getOrCreate()
+    runtime = later._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    print("AFTER", runtime.getPid())
+    later.stop()
 """
 
 
@@ -66,10 +73,12 @@ def cache(tmp_path, request):
     stop_warm_drivers(cache)
 
 
-def start_session(tmp_path: Path, cache: Path, name: str, hold: Path | None = None, idle_s: str = "60"):
+def start_session(
+    tmp_path: Path, cache: Path, name: str, hold: Path | None = None, idle_s: str = "60", *extra: str
+):
     env = {**os.environ, "HEARTBEAT_JVM_CACHE": str(cache)}
     return subprocess.Popen(
-        [sys.executable, "-c", SESSION, str(tmp_path / name), str(hold or ""), idle_s],
+        [sys.executable, "-c", SESSION, str(tmp_path / name), str(hold or ""), idle_s, *extra],
         cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -119,6 +128,17 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
     assert first["app"] != second["app"], "each run has a SparkContext of its own"
     assert not list(cache.glob("warm-driver-*/attached")), "a run that ended left the JVM marked as taken"
     assert alive(first["jvm_pid"]), "the JVM waits for the next run"
+
+
+def test_a_session_after_the_run_does_not_drive_the_warm_jvm(tmp_path, cache):
+    """Once the run let the JVM go, it is the next run's: a later session of the same process (the
+    demo prints the gold tables so) starts a JVM of its own."""
+    process = start_session(tmp_path, cache, "demo", None, "60", "after")
+    warm_pid = session_result(process)["jvm_pid"]
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    (after,) = [line for line in process.stdout if line.startswith("AFTER ")]
+    assert int(after.split()[1]) != warm_pid
+    assert keeper_gateway(cache)["jvm_pid"] == warm_pid
 
 
 def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
