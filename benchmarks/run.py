@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from heartbeat_assets.simulator import Simulator
-from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keepers
+from resources.jvm import default_cache_dir, listening, stop_warm_drivers, warm_driver_keepers
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -81,10 +81,11 @@ def _tree_memory(process: psutil.Process, warm_jvm: bool = True) -> int:
     total = 0
     members: dict[int, psutil.Process] = {}
     keepers = warm_driver_keepers(default_cache_dir()) if warm_jvm else []
-    for leader in [process, *(_process(pid) for pid in keepers)]:
+    for pid in [process.pid, *keepers]:
         try:
+            leader = psutil.Process(pid)
             members.update((member.pid, member) for member in [leader, *leader.children(recursive=True)])
-        except (psutil.Error, AttributeError):
+        except psutil.Error:
             continue
     for member in members.values():
         try:
@@ -93,13 +94,6 @@ def _tree_memory(process: psutil.Process, warm_jvm: bool = True) -> int:
         except (OSError, StopIteration):  # exited while we looked
             continue
     return total
-
-
-def _process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
 
 
 class Workspace:
@@ -275,7 +269,7 @@ def connect_server(root: Path):
     (pid_file,) = (root / "connect-pids").glob("*.pid")
     server = psutil.Process(int(pid_file.read_text()))
     try:
-        _wait(lambda: _listening(int(port)), 120, "the Spark Connect server")
+        _wait(lambda: listening(int(port)), 120, "the Spark Connect server")
         yield f"sc://127.0.0.1:{port}"
     finally:
         subprocess.run([str(spark_home / "sbin" / "stop-connect-server.sh")], env=env, timeout=120)
@@ -285,16 +279,6 @@ def connect_server(root: Path):
             server.kill()
         except psutil.NoSuchProcess:
             pass
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def bench_latency(root: Path, args, results: dict, remote: str | None = None) -> None:

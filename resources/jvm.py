@@ -95,13 +95,8 @@ class ClassArchive:
     def _remove_abandoned_parts(self) -> None:
         """Archives whose JVM was killed while writing them (their process is gone) are removed."""
         for part in self.path.parent.glob(".spark-driver-*.part"):
-            pid = int(part.suffixes[-2].lstrip("."))
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(int(part.suffixes[-2].lstrip("."))):
                 part.unlink(missing_ok=True)
-            except PermissionError:  # another user's live process
-                pass
 
     def finish(self, jvm_process) -> None:
         """After the session stopped: end the JVM, let it write the archive, put the archive in place."""
@@ -198,7 +193,7 @@ class WarmDriver:
         try:
             if (self.dir / "attached").exists():
                 # The last run died attached; its keeper should have killed the JVM already.
-                self._end_keeper()
+                self.discard()
             gateway = self._running_gateway() or self._start_keeper()
         except BaseException:
             self.release()
@@ -221,18 +216,14 @@ class WarmDriver:
         self._lock = None
         self.jvm_pid = attached_jvm_pid = None
 
-    def discard(self) -> None:
-        """End the JVM now (the next run starts a new one)."""
-        self._end_keeper()
-
     def _running_gateway(self) -> dict | None:
         try:
             gateway = json.loads((self.dir / "gateway.json").read_text())
         except (OSError, ValueError):
             return None
-        if _alive(gateway["keeper_pid"]) and _alive(gateway["jvm_pid"]) and _listening(gateway["port"]):
+        if _alive(gateway["keeper_pid"]) and _alive(gateway["jvm_pid"]) and listening(gateway["port"]):
             return gateway
-        self._end_keeper()
+        self.discard()
         return None
 
     def _start_keeper(self) -> dict | None:
@@ -254,11 +245,11 @@ class WarmDriver:
             if gateway is not None and gateway["keeper_pid"] == self._keeper.pid:
                 return gateway
             time.sleep(0.05)
-        self._end_keeper()
+        self.discard()
         return None
 
-    def _end_keeper(self) -> None:
-        """Kill the keeper and its JVM, and wait until the JVM is gone."""
+    def discard(self) -> None:
+        """Kill the keeper and its JVM, and wait until the JVM is gone (the next run starts a new one)."""
         try:
             gateway = json.loads((self.dir / "gateway.json").read_text())
         except (OSError, ValueError):
@@ -352,8 +343,9 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
-def _listening(port: int) -> bool:
-    """Whether the gateway accepts connections (pids alone may have been reused after a reboot)."""
+def listening(port: int) -> bool:
+    """Whether a server on this machine accepts connections on `port` (for a gateway: pids alone may
+    have been reused after a reboot)."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except OSError:
