@@ -12,6 +12,7 @@ which recordings arrived.
 
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from heartbeat_assets.streaming import (
     start_fresh,
     unchanged_results,
 )
-from heartbeat_assets.tables import data_files, read_lineage, replace_table
+from heartbeat_assets.tables import TABLE_FILE, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
 SILVER_RECORDINGS_SCHEMA = (
@@ -169,8 +170,8 @@ class GoldConfig(Config):
 class GoldTable:
     """Runs the aggregate of one gold table and rebuilds the table when its inputs changed.
 
-    `prepare` deals with Dagster (the step's run, event log and logger); `materialize` only with Spark
-    and the table's files, so the step can materialize its tables in threads at once.
+    `prepare` deals with Dagster (the step's run, event log and logger); `update` and `check` only
+    with Spark and the table's files, so the step can run them for its tables in threads at once.
     """
 
     def __init__(
@@ -198,7 +199,7 @@ class GoldTable:
 
     def prepare(self) -> list | None:
         """Reset the table on a full refresh and check its settings; the step's results if its inputs
-        are unchanged, else None (then `materialize` must run)."""
+        are unchanged, else None (then `update` and `check` must run)."""
         start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
         self._check_settings(self.settings)
         inputs_read = [self.lakehouse.table("silver/recordings")]
@@ -208,10 +209,10 @@ class GoldTable:
         nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if self.reports_new_rows else {}
         return unchanged_results(self.context, self.watch, [self.key], nothing_new)
 
-    def materialize(self, spark: SparkSession, silver_rows: int, landed: float | None) -> list:
-        """Run the aggregate, rebuild the table if its inputs changed; the materialization and checks.
+    def update(self, spark: SparkSession, landed: float | None) -> MaterializeResult:
+        """Run the aggregate and rebuild the table if its inputs changed; the table's materialization.
 
-        `silver_rows` is silver/recordings' row count, `landed` when bronze's newest file landed.
+        `landed` is when bronze's newest file landed. `check` then gives the table's checks.
         """
         recordings = silver.read_table_stream(
             spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
@@ -228,35 +229,33 @@ class GoldTable:
         if self.uses_patients:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
-        unchanged = previous is not None and previous.get("inputs") == inputs
+        self.rebuilt = previous is None or previous.get("inputs") != inputs
         if snapshot is not None:  # written by this query, so its schema is known
-            aggregated = spark.read.schema(self.aggregate_schema).parquet(str(snapshot))
+            self.aggregated = spark.read.schema(self.aggregate_schema).parquet(str(snapshot))
         else:
-            aggregated = spark.createDataFrame([], self.aggregate_schema)
-        table = self.build(aggregated)
-        metadata = {**report.metadata(), **column_schema(table), "table_rebuilt": not unchanged}
-        new_alerts: list[tuple] = []
-        if unchanged:
-            metadata["dagster/row_count"] = previous["rows"]
-        else:
-            if self.reports_new_rows:  # the rebuilt table is read twice: by the comparison and by the write
-                table = table.cache()
-                new_alerts = self._rows_not_in_current_table(table)
+            self.aggregated = spark.createDataFrame([], self.aggregate_schema)
+        table = self.build(self.aggregated)
+        metadata = {**report.metadata(), **column_schema(table), "table_rebuilt": self.rebuilt}
+        if self.rebuilt:
+            if self.reports_new_rows:  # the check compares the new version with this one
+                self._keep_current_version()
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
-            table.unpersist()  # a no-op unless cached above
             if landed:  # seconds from the newest recording file landing (as bronze saw it)
                 metadata["landing_to_gold_latency_s"] = round(time.time() - landed, 3)
-        written = spark.read.parquet(str(self.table))
+        else:
+            metadata["dagster/row_count"] = previous["rows"]
+        self.written = spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
-            metadata["preview"] = MetadataValue.md(markdown_preview(written))
-        results = [
-            MaterializeResult(asset_key=self.key, metadata=metadata),
-            checks.schema_check(self.name, written),
-        ]
+            metadata["preview"] = MetadataValue.md(markdown_preview(self.written))
+        return MaterializeResult(asset_key=self.key, metadata=metadata)
+
+    def check(self, silver_rows: int) -> list[AssetCheckResult]:
+        """The checks of the table `update` wrote; `silver_rows` is silver/recordings' row count."""
+        results = [checks.schema_check(self.name, self.written)]
         if self.uses_patients:
-            results.append(self._counts_check(written, aggregated, silver_rows))
+            results.append(self._counts_check(self.written, self.aggregated, silver_rows))
         if self.reports_new_rows:
-            results.append(self._new_alerts_check(new_alerts))
+            results.append(self._new_alerts_check(self._rows_not_in_previous_version()))
         self.watch.record()
         return results
 
@@ -269,12 +268,31 @@ class GoldTable:
             metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
         )
 
-    def _rows_not_in_current_table(self, table: DataFrame) -> list[tuple]:
-        """Rows of the rebuilt table that the current version lacks (read before it is replaced)."""
-        if not data_files(self.table):
-            return [tuple(row) for row in table.collect()]
-        current = table.sparkSession.read.schema(table.schema).parquet(str(self.table))
-        return [tuple(row) for row in table.exceptAll(current).orderBy("device_id", "window_start").collect()]
+    @property
+    def _previous_version(self) -> Path:
+        # In a folder readers of the table skip (its name starts with `_`); Spark also skips such
+        # names when given as the file to read, but not as the folder.
+        return self.table / "_previous_version"
+
+    def _keep_current_version(self) -> None:
+        """Keep the table's current file (a hard link: the table stays in place) for the comparison."""
+        shutil.rmtree(self._previous_version, ignore_errors=True)
+        current = self.table / TABLE_FILE
+        if current.exists():
+            self._previous_version.mkdir()
+            os.link(current, self._previous_version / TABLE_FILE)
+
+    def _rows_not_in_previous_version(self) -> list[tuple]:
+        """Rows of the table that its version before this run lacked, by device and window."""
+        if not self.rebuilt:
+            return []
+        new = self.written
+        if self._previous_version.exists():
+            previous = new.sparkSession.read.schema(new.schema).parquet(str(self._previous_version))
+            new = new.exceptAll(previous)
+        rows = sorted(tuple(row) for row in new.collect())  # few: sorted here, not by a Spark job
+        shutil.rmtree(self._previous_version, ignore_errors=True)
+        return rows
 
     def _counts_check(self, written: DataFrame, aggregated: DataFrame, silver_rows: int) -> AssetCheckResult:
         """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
@@ -448,15 +466,31 @@ def gold(
         landed = latest_metadata(context, bronze.RECORDINGS, "newest_file_modified_at")
         session = spark.spark_session  # started before the threads, which share it
         with ThreadPoolExecutor(len(to_build), thread_name_prefix="gold") as pool:
-            futures = {
-                pool.submit(table.materialize, session, silver_rows, landed): table.name for table in to_build
-            }
-            for future in as_completed(futures):  # each table reported as soon as it is built
-                try:
-                    yield from future.result()
-                except Exception as exc:  # reported below, after the tables that were built
-                    failed.append((futures[future], exc))
+            # Every table first, then the checks: gold is up to date (and reported) without waiting
+            # for the checks of the other tables.
+            updated = []
+            for table, materialization in _each_completed(
+                pool, to_build, failed, lambda t: t.update(session, landed)
+            ):
+                updated.append(table)
+                yield materialization
+            for _, results in _each_completed(pool, updated, failed, lambda t: t.check(silver_rows)):
+                yield from results
     for name, exc in failed[1:]:
         context.log.error(f"{name} failed too: {exc}")
     if failed:
         raise failed[0][1]
+
+
+def _each_completed(pool: ThreadPoolExecutor, tables: list[GoldTable], failed: list, work: Callable):
+    """`(table, work(table))` for each table, in the threads of `pool`, as each completes. A table
+    whose work raised is added to `failed` instead (reported at the end: the others go on)."""
+    futures = {pool.submit(work, table): table for table in tables}
+    for future in as_completed(futures):
+        table = futures[future]
+        try:
+            result = future.result()
+        except Exception as exc:
+            failed.append((table.name, exc))
+            continue
+        yield table, result

@@ -47,6 +47,14 @@ def test_checks_of_a_normal_run_then_an_idle_one(lakehouse):
     idle = evaluations(lakehouse.run())
     assert idle[("gold/device_signal_loss", "no_new_lost_signal")].passed  # nothing new to report
 
+    # A later wave: the check lists the windows the table did not have before this run, no others.
+    before = {tuple(row.values()) for row in lakehouse.read("gold/device_signal_loss")}
+    sim.land_recordings(files=3, records=120, faults=Faults(signal_gaps=1.0), wave=1)
+    later = evaluations(lakehouse.run())[("gold/device_signal_loss", "no_new_lost_signal")]
+    after = {tuple(row.values()) for row in lakehouse.read("gold/device_signal_loss")}
+    assert before < after and later.metadata["new_alerts"].value == len(after - before)
+    assert not list(lakehouse.resource.table("gold/device_signal_loss").glob("_previous*")), "left behind"
+
 
 def test_failing_blocking_check_keeps_gold_from_materializing(lakehouse, monkeypatch):
     sim = Simulator(lakehouse.root, seed=13, patients=2, devices=2)
