@@ -318,14 +318,21 @@ def start_fresh(
 
 
 def row_count(
-    context: AssetExecutionContext, key: AssetKey, rows_added: int, fresh: bool = False
+    context: AssetExecutionContext,
+    key: AssetKey,
+    rows_added: int,
+    count_table: Callable[[], int],
+    fresh: bool = False,
 ) -> dict[str, int]:
     """`dagster/row_count` of an append-only table: the last materialization's count plus this run's rows.
 
-    Keeps the total without scanning the table; `fresh` starts it over (after a full refresh).
+    Keeps the total without scanning the table; `fresh` starts it over (after a full refresh). A
+    Dagster instance without a count yet (a new one, over tables an earlier instance wrote) counts
+    the table once, with `count_table`.
     """
-    previous = 0 if fresh else int(latest_metadata(context, key, "dagster/row_count") or 0)
-    return {"dagster/row_count": previous + rows_added, "rows_added": rows_added}
+    previous = 0 if fresh else latest_metadata(context, key, "dagster/row_count")
+    total = count_table() if previous is None else int(previous) + rows_added
+    return {"dagster/row_count": total, "rows_added": rows_added}
 
 
 def latest_metadata(context: AssetExecutionContext, key: AssetKey, name: str):
@@ -361,5 +368,11 @@ def appended_table_result(
     ensure_exists(rows, table, partition_by)
     return MaterializeResult(
         asset_key=key,
-        metadata={**metadata, **row_count(context, key, rows_added, fresh), **column_schema(rows)},
+        metadata={
+            **metadata,
+            **row_count(
+                context, key, rows_added, lambda: rows.sparkSession.read.parquet(str(table)).count(), fresh
+            ),
+            **column_schema(rows),
+        },
     )

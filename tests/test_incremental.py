@@ -4,7 +4,7 @@ import os
 
 from dagster import AssetCheckSeverity
 
-from heartbeat_assets.simulator import Simulator, land_file
+from heartbeat_assets.simulator import Faults, Simulator, land_file
 from resources import LakehouseResource, SparkSessionResource
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, snapshot_tables
@@ -106,13 +106,19 @@ def test_a_query_that_did_not_complete_is_not_skipped(tmp_path, spark, monkeypat
 
 
 def test_a_fresh_dagster_instance_runs_the_queries_once(tmp_path, spark):
-    """Without earlier check verdicts to carry over, nothing is skipped."""
+    """Without earlier check verdicts to carry over, nothing is skipped; row counts are the tables'."""
     sim = Simulator(tmp_path, seed=7, patients=2, devices=2)
     sim.land_patients()
-    sim.land_recordings(files=2, records=40)
+    sim.land_recordings(files=2, records=40, faults=Faults(malformed=0.1))
     Lakehouse(tmp_path, spark).run()
-    again = materialized(Lakehouse(tmp_path, spark).run())  # a new, empty instance
+    lakehouse = Lakehouse(tmp_path, spark)  # a new, empty instance
+    result = lakehouse.run()
+    again = materialized(result)
     assert not any(m.get("input_unchanged") for m in again.values())
+    for table in ("bronze/recordings", "bronze/recordings_quarantine", "silver/recordings"):
+        assert again[table]["dagster/row_count"] == len(lakehouse.read(table)) > 0, table
+    counts_checks = [e for e in result.get_asset_check_evaluations() if e.check_name == "counts_match_silver"]
+    assert len(counts_checks) == 2 and all(e.passed for e in counts_checks)
 
 
 def test_a_file_landing_within_the_clock_tick_of_a_run_is_not_skipped(tmp_path, spark):
