@@ -1,4 +1,4 @@
-"""The driver JVM's class archive: written by the first session that lacks it, mapped by later ones.
+"""The driver JVM's class archive: written by the first JVM that lacks it, mapped by later ones.
 
 Each step runs in a process of its own: an archive is made by a JVM that this test's own (shared)
 session is not.
@@ -9,17 +9,18 @@ import os
 import subprocess
 import sys
 
+from resources.jvm import warm_driver_keepers
+from tests.test_warm_jvm import alive, wait_until
+
 SESSION = """
 import json, sys
 from dagster import build_resources
 from resources import LakehouseResource, SparkSessionResource
 
-spark_config = json.loads(sys.argv[2])
+spark_config, keep_jvm_warm_s = json.loads(sys.argv[2]), float(sys.argv[3])
 lakehouse = LakehouseResource(data_dir=sys.argv[1])
-# A JVM of the session's own (the warm driver JVM, which writes the archive when it ends, is
-# tested in test_warm_jvm.py).
 resource = SparkSessionResource(
-    lakehouse=lakehouse, master="local[1]", spark_config=spark_config, keep_jvm_warm_s=0
+    lakehouse=lakehouse, master="local[1]", spark_config=spark_config, keep_jvm_warm_s=keep_jvm_warm_s
 )
 with build_resources({"spark": resource}) as resources:
     spark = resources.spark.spark_session
@@ -29,10 +30,21 @@ with build_resources({"spark": resource}) as resources:
 """
 
 
-def session(tmp_path, cache, spark_config=None) -> list[str]:
-    """Start and stop a session through the resource in a new process; the driver JVM's arguments."""
+def session(tmp_path, cache, spark_config=None, keep_jvm_warm_s: float = 0) -> list[str]:
+    """Start and stop a session through the resource in a new process; the driver JVM's arguments.
+
+    By default the session's JVM is its own; with `keep_jvm_warm_s` it is a warm one, kept that
+    many seconds after the session ends.
+    """
     done = subprocess.run(
-        [sys.executable, "-c", SESSION, str(tmp_path / "data"), json.dumps(spark_config or {})],
+        [
+            sys.executable,
+            "-c",
+            SESSION,
+            str(tmp_path / "data"),
+            json.dumps(spark_config or {}),
+            str(keep_jvm_warm_s),
+        ],
         env={**os.environ, "HEARTBEAT_JVM_CACHE": str(cache)},
         capture_output=True,
         text=True,
@@ -42,10 +54,15 @@ def session(tmp_path, cache, spark_config=None) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_first_session_writes_the_archive_and_later_ones_map_it(tmp_path):
+def test_first_jvm_writes_the_archive_when_idle_and_later_ones_map_it(tmp_path):
+    """As on a new machine: the first run's (warm) JVM writes the archive when it ends, here after 1 s
+    without a run; the runs after it map the archive."""
     cache = tmp_path / "jvm-cache"
-    first = session(tmp_path, cache)
+    first = session(tmp_path, cache, keep_jvm_warm_s=1)
     assert any(arg.startswith("-XX:ArchiveClassesAtExit=") for arg in first)
+    (keeper,) = warm_driver_keepers(cache)  # the JVM outlives the run
+    wait_until(lambda: not alive(keeper), timeout=120, what="the idle JVM and its keeper end")
+    assert not list(cache.glob("warm-driver-*/gateway.json"))
     (archive,) = cache.glob("*.jsa")
     assert archive.stat().st_size > 10 * 2**20
     assert not list(cache.glob(".*.part")), "the archive was left half-made"

@@ -61,12 +61,12 @@ if sys.argv[4:] == ["after"]:  # a session after the run: the warm JVM is no lon
 
 
 @pytest.fixture
-def cache(tmp_path, request):
+def cache(tmp_path):
     """An empty JVM cache, but for the class archives of the machine's (each JVM that ends without
-    one spends ~10 s writing it); the archive test starts without them."""
+    one spends ~10 s writing it; test_jvm_archive.py tests that)."""
     cache = tmp_path / "jvm-cache"
     cache.mkdir()
-    if "class_archive" not in request.node.name and default_cache_dir():
+    if default_cache_dir():
         for archive in default_cache_dir().glob("*.jsa"):
             shutil.copy(archive, cache)
     yield cache
@@ -121,24 +121,21 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
-    first = run_session(tmp_path, cache, "first")
+    """Each run has a SparkContext of its own in the one JVM. Once a run let the JVM go, it is the next
+    run's: a later session of the same process (the demo prints the gold tables so) starts a JVM of
+    its own."""
+    process = start_session(tmp_path, cache, "first", None, "60", "after")
+    first = session_result(process)
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    (after,) = [line for line in process.stdout if line.startswith("AFTER ")]
     second = run_session(tmp_path, cache, "second")
+
     assert first["sums"] == second["sums"] == [45]  # each process got its own foreachBatch calls
     assert first["jvm_pid"] == second["jvm_pid"] == keeper_gateway(cache)["jvm_pid"]
     assert first["app"] != second["app"], "each run has a SparkContext of its own"
+    assert int(after.split()[1]) != first["jvm_pid"]
     assert not list(cache.glob("warm-driver-*/attached")), "a run that ended left the JVM marked as taken"
     assert alive(first["jvm_pid"]), "the JVM waits for the next run"
-
-
-def test_a_session_after_the_run_does_not_drive_the_warm_jvm(tmp_path, cache):
-    """Once the run let the JVM go, it is the next run's: a later session of the same process (the
-    demo prints the gold tables so) starts a JVM of its own."""
-    process = start_session(tmp_path, cache, "demo", None, "60", "after")
-    warm_pid = session_result(process)["jvm_pid"]
-    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
-    (after,) = [line for line in process.stdout if line.startswith("AFTER ")]
-    assert int(after.split()[1]) != warm_pid
-    assert keeper_gateway(cache)["jvm_pid"] == warm_pid
 
 
 def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
@@ -171,17 +168,6 @@ def test_a_run_killed_while_attached_takes_the_jvm_down_with_it(tmp_path, cache)
     after = run_session(tmp_path, cache, "after")
     assert after["sums"] == [45]
     assert after["jvm_pid"] != jvm_pid
-
-
-def test_an_idle_jvm_ends_and_leaves_the_class_archive(tmp_path, cache):
-    """The first JVM on a machine writes the class archive when it ends, here after 1 s idle."""
-    result = run_session(tmp_path, cache, "only", idle_s="1")
-    keeper = keeper_gateway(cache)["keeper_pid"]
-    wait_until(lambda: not alive(keeper), timeout=120, what="the idle keeper ends")
-    assert not alive(result["jvm_pid"])
-    assert not list(cache.glob("warm-driver-*/gateway.json"))
-    (archive,) = cache.glob("*.jsa")
-    assert archive.stat().st_size > 10 * 2**20
 
 
 def test_the_jvm_log_is_rotated_under_the_writer(tmp_path):
