@@ -65,8 +65,12 @@ class ClassArchive:
 
     def __init__(self, cache_dir: Path, java_options: str = ""):
         java = java_binary()
-        # Options such as the heap size or the collector can make a JVM refuse an archive.
-        stamp = f"{java}:{os.stat(java).st_mtime_ns if java else 0}:{pyspark.__version__}:{java_options}"
+        # A JVM refuses an archive made with another class path (Spark's jars in another pyspark
+        # install, e.g. another virtualenv), and options such as the heap size or the collector.
+        jars = os.path.dirname(os.path.realpath(pyspark.__file__))
+        stamp = (
+            f"{java}:{os.stat(java).st_mtime_ns if java else 0}:{pyspark.__version__}:{jars}:{java_options}"
+        )
         key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
         self.path = cache_dir / f"spark-driver-{key}.jsa"
         self._part = cache_dir / f".spark-driver-{key}.{os.getpid()}.part"

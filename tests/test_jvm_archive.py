@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 
-from resources.jvm import warm_driver_keepers
+import pyspark
+
+from resources.jvm import ClassArchive, warm_driver_keepers
 from tests.test_warm_jvm import alive, wait_until
 
 SESSION = """
@@ -82,3 +84,11 @@ def test_first_jvm_writes_the_archive_when_idle_and_later_ones_map_it(tmp_path):
 def test_no_archive_when_the_cache_is_turned_off(tmp_path):
     args = session(tmp_path, "")
     assert not any("SharedArchiveFile" in arg or "ArchiveClassesAtExit" in arg for arg in args)
+
+
+def test_each_pyspark_install_has_an_archive_of_its_own(tmp_path, monkeypatch):
+    """A JVM refuses an archive made with Spark's jars at another path ("shared class paths
+    mismatch"): the pyspark of another virtualenv must not find this one's archive and run without."""
+    here = ClassArchive(tmp_path).path
+    monkeypatch.setattr(pyspark, "__file__", "/elsewhere/.venv/lib/site-packages/pyspark/__init__.py")
+    assert ClassArchive(tmp_path).path != here
