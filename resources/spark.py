@@ -47,8 +47,12 @@ LOCAL_DEFAULTS: dict[str, str] = {
     # Serial GC: on a laptop's few cores G1's concurrent threads compete with the tasks and its heap
     # grows further; the 2M-recording load took 89 s and peaked at 1479 MiB instead of 91 s, 1866 MiB.
     # The heap grows only when less than 10% is free after a collection, and shrinks above 20%.
+    # C1 only also shrinks the code cache to 48 MB, which a JVM that runs many queries fills with the
+    # code Spark generates for each (the test suite's session did, after 4.5 minutes: "CodeCache is
+    # full", then every task failed); a warm driver JVM serves runs for weeks. 240 MB is the usual
+    # size; it is reserved, and used only as code is compiled.
     "spark.driver.extraJavaOptions": (
-        "-Dlog4j2.level=WARN -XX:TieredStopAtLevel=1 -XX:+UseSerialGC "
+        "-Dlog4j2.level=WARN -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m -XX:+UseSerialGC "
         "-XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=20"
     ),
     # Listing files without per-file work: Hadoop's local file system starts a process for each

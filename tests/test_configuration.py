@@ -60,6 +60,17 @@ def test_spark_config_defaults_and_overrides():
     assert config["spark.executor.memory"] == "2g"
 
 
+def test_the_driver_jvm_has_room_for_the_code_spark_generates(spark):
+    """C1 alone leaves a 48 MB code cache, which a long-lived driver (this suite's session, or a warm
+    driver JVM) fills with the code Spark generates for each query; then every task fails."""
+    jvm = spark.sparkContext._jvm
+    diagnostics = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
+        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
+    )
+    assert int(diagnostics.getVMOption("TieredStopAtLevel").getValue()) == 1
+    assert int(diagnostics.getVMOption("ReservedCodeCacheSize").getValue()) >= 240 * 2**20
+
+
 def test_unknown_table_name_is_rejected():
     with pytest.raises(ValueError, match="Unknown table 'gold/nope'"):
         LakehouseResource(data_dir="/tmp").table("gold/nope")
