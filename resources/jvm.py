@@ -67,11 +67,18 @@ class ClassArchive:
         java = java_binary()
         # A JVM refuses an archive made with another class path (Spark's jars in another pyspark
         # install, e.g. another virtualenv), and options such as the heap size or the collector.
-        jars = os.path.dirname(os.path.realpath(pyspark.__file__))
+        jars = Path(os.path.realpath(pyspark.__file__)).parent / "jars"
         stamp = (
             f"{java}:{os.stat(java).st_mtime_ns if java else 0}:{pyspark.__version__}:{jars}:{java_options}"
         )
-        key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        # It also refuses one whose jars have another size or modification time ("A jar file is not
+        # the one used while building the shared archive file"), as after a reinstall at the same path
+        # (a virtualenv made again, as a fresh clone's CI does): the jars' stamp is a part of its own.
+        jar_stamps = sorted(
+            (jar.name, info.st_size, info.st_mtime_ns) for jar in jars.glob("*.jar") for info in [jar.stat()]
+        )
+        self._install = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        key = f"{self._install}-{hashlib.sha256(repr(jar_stamps).encode()).hexdigest()[:8]}"
         self.path = cache_dir / f"spark-driver-{key}.jsa"
         self._part = cache_dir / f".spark-driver-{key}.{os.getpid()}.part"
         self.creating = False
@@ -102,6 +109,12 @@ class ClassArchive:
             if not _alive(int(part.suffixes[-2].lstrip("."))):
                 part.unlink(missing_ok=True)
 
+    def _remove_superseded(self) -> None:
+        """Archives of earlier jars at this install's path: no JVM can map them any more (~200 MB each)."""
+        for archive in self.path.parent.glob(f"spark-driver-{self._install}-*.jsa"):
+            if archive != self.path:
+                archive.unlink(missing_ok=True)
+
     def finish(self, jvm_process) -> None:
         """After the session stopped: end the JVM, let it write the archive, put the archive in place."""
         if not self.creating or jvm_process is None:
@@ -111,6 +124,7 @@ class ClassArchive:
             jvm_process.stdin.close()  # the gateway JVM exits when its stdin closes, and dumps then
             if jvm_process.wait(timeout=DUMP_TIMEOUT_S) == 0 and self._part.exists():
                 os.replace(self._part, self.path)
+                self._remove_superseded()
         except (OSError, subprocess.TimeoutExpired) as exc:
             from dagster import get_dagster_logger
 

@@ -4,6 +4,7 @@ Each step runs in a process of its own: an archive is made by a JVM that this te
 session is not.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -92,3 +93,35 @@ def test_each_pyspark_install_has_an_archive_of_its_own(tmp_path, monkeypatch):
     here = ClassArchive(tmp_path).path
     monkeypatch.setattr(pyspark, "__file__", "/elsewhere/.venv/lib/site-packages/pyspark/__init__.py")
     assert ClassArchive(tmp_path).path != here
+
+
+def test_jars_installed_again_get_an_archive_of_their_own_which_replaces_the_old(tmp_path, monkeypatch):
+    """A JVM also refuses an archive whose jars changed size or time ("A jar file is not the one used
+    while building the shared archive file"), as after a virtualenv is made again in the same place:
+    those jars need an archive of their own, and the old one, which nothing can map now, goes."""
+    jars = tmp_path / "venv" / "pyspark" / "jars"
+    jars.mkdir(parents=True)
+    (jars / "spark-core.jar").write_bytes(b"old")
+    monkeypatch.setattr(pyspark, "__file__", str(jars.parent / "__init__.py"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    before = ClassArchive(cache)
+    before.path.write_bytes(b"archive")
+    other_install = cache / "spark-driver-0123456789abcdef-01234567.jsa"
+    other_install.write_bytes(b"archive")
+
+    (jars / "spark-core.jar").write_bytes(b"new!")  # installed again: another size and time
+    after = ClassArchive(cache)
+    assert after.path != before.path
+    assert "ArchiveClassesAtExit" in after.java_options(create=True)
+    after._part.write_bytes(b"archive")  # what the JVM writes as it exits
+
+    class ExitedJvm:
+        stdin = io.BytesIO()
+
+        def wait(self, timeout):
+            return 0
+
+    after.finish(ExitedJvm())
+    assert after.path.exists() and not before.path.exists()
+    assert other_install.exists(), "another install's archive stays"
