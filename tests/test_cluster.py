@@ -35,8 +35,6 @@ BIN = Path(sys.executable).parent
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
 GOLD = ["gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/device_signal_loss"]
 APP_NAME = "heartbeat-cluster-test"
-#: Start options for the cluster's JVMs, as the driver's defaults: C1 only and the serial collector.
-QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
 
 def spark_env(**extra: str) -> dict[str, str]:
@@ -238,7 +236,8 @@ def test_medallion_on_a_standalone_cluster(standalone_cluster, landed, local_gol
     spark_conf = {
         "spark.app.name": APP_NAME,
         "spark.executor.memory": "512m",
-        "spark.executor.extraJavaOptions": QUICK_JVM,  # tiny tasks: cold code, as in the driver
+        # Tiny tasks in cold JVMs, as in the driver: its start options (C1 only, serial collector).
+        "spark.executor.extraJavaOptions": LOCAL_DEFAULTS["spark.driver.extraJavaOptions"],
         # The application's own record of where each task ran.
         "spark.eventLog.enabled": "true",
         "spark.eventLog.dir": event_log.as_uri(),
