@@ -6,6 +6,7 @@ import time
 
 from dagster import RunRequest, build_sensor_context
 
+from heartbeat_assets import sensors
 from heartbeat_assets.definitions import build_definitions
 from heartbeat_assets.sensors import (
     LandingCursor,
@@ -29,6 +30,10 @@ def skipped(result) -> bool:
 
 def settle():
     time.sleep(1.1)  # files changed in the last second wait for the next tick
+
+
+def changed_ns(path) -> int:
+    return os.stat(path).st_ctime_ns
 
 
 def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
@@ -101,19 +106,24 @@ def test_a_tick_on_an_unchanged_folder_does_not_list_it(tmp_path, monkeypatch):
     assert scan_new_files(landing, legacy, (".json",)).files == []
 
 
-def test_a_file_that_has_not_settled_starts_a_run_once(tmp_path):
+def test_a_file_that_has_not_settled_starts_a_run_once(tmp_path, monkeypatch):
+    # The listings are dated by the files' own change times, and the sensor's settle time is patched,
+    # so a slow machine cannot let a file settle before the listing that is to find it unsettled.
     landing = tmp_path
     land_file(landing, "a.json", b"{}")
-    now = time.time_ns()
-    first = scan_new_files(landing, LandingCursor(), (".json",), now_ns=now + 2_000_000_000)
+    first = scan_new_files(
+        landing, LandingCursor(), (".json",), now_ns=changed_ns(landing / "a.json") + 2_000_000_000
+    )
     assert first.files == ["a.json"] and first.cursor.names == ("a.json",)
     land_file(landing, "b.json", b"{}")  # lands right after the listing
-    unsettled = scan_new_files(landing, first.cursor, (".json",), now_ns=time.time_ns())
+    unsettled = scan_new_files(landing, first.cursor, (".json",), now_ns=changed_ns(landing / "b.json"))
     # It starts a run now, but the mark stays behind it: a file renamed in with the same change time
     # while the folder was listed cannot be passed over.
     assert unsettled.files == ["b.json"]
     assert (unsettled.cursor.ctime_ns, unsettled.cursor.names) == (first.cursor.ctime_ns, ("a.json",))
-    settled = scan_new_files(landing, unsettled.cursor, (".json",), now_ns=time.time_ns() + 2_000_000_000)
+    settled = scan_new_files(
+        landing, unsettled.cursor, (".json",), now_ns=changed_ns(landing / "b.json") + 2_000_000_000
+    )
     assert settled.files == ["b.json"] and settled.cursor.names == ("b.json",)
     # The same run key both times, so Dagster starts one run for it.
     assert settled.newest_ctime_ns == unsettled.newest_ctime_ns != first.newest_ctime_ns
@@ -123,9 +133,11 @@ def test_a_file_that_has_not_settled_starts_a_run_once(tmp_path):
     lakehouse = LakehouseResource(data_dir=str(tmp_path / "root"))
     result, _ = tick(recordings_landing_sensor, lakehouse)
     land_file(lakehouse.recordings_landing, "c.json", b"{}")
+    monkeypatch.setattr(sensors, "SETTLE_SECONDS", 3600.0)  # c.json has not settled
     now_result, _ = tick(recordings_landing_sensor, lakehouse, cursor=result.cursor)
-    settle()
+    monkeypatch.setattr(sensors, "SETTLE_SECONDS", 0.0)  # now it has
     later, _ = tick(recordings_landing_sensor, lakehouse, cursor=now_result.cursor)
+    assert len(now_result.run_requests) == 1 and now_result.cursor == result.cursor
     assert [r.run_key for r in now_result.run_requests] == [r.run_key for r in later.run_requests]
     assert len(later.run_requests) == 1
     assert skipped(tick(recordings_landing_sensor, lakehouse, cursor=later.cursor)[0])
