@@ -21,13 +21,24 @@ def resources_from_env(environ=os.environ) -> dict:
     - `HEARTBEAT_WARM_JVM`: seconds a local driver JVM waits for the next run (default 600; 0: none).
     - `HEARTBEAT_SPARK_LOG_LEVEL`: Spark's log level (default WARN; INFO or DEBUG to see more).
     - `HEARTBEAT_QUARANTINE_WARN` / `_ERROR`: quarantine-rate check thresholds (default 0.01 and 0.2).
+    - `HEARTBEAT_LANDING_WATCH`: seconds a sensor tick watches its landing folder (default 4; 0: none).
     """
     previews = environ.get("HEARTBEAT_TABLE_PREVIEWS", "1").strip().lower() not in ("0", "false", "no")
+    lakehouse_options = {}
+    if environ.get("HEARTBEAT_LANDING_WATCH", "").strip():
+        try:
+            lakehouse_options["landing_watch_seconds"] = float(environ["HEARTBEAT_LANDING_WATCH"])
+        except ValueError:
+            raise ValueError(
+                "HEARTBEAT_LANDING_WATCH must be the seconds a sensor tick watches its landing folder "
+                f"(0: it looks once), not {environ['HEARTBEAT_LANDING_WATCH']!r}"
+            ) from None
     lakehouse = LakehouseResource(
         data_dir=environ.get("HEARTBEAT_DATA_DIR") or default_data_dir(),
         table_previews=previews,
         quarantine_warn_rate=float(environ.get("HEARTBEAT_QUARANTINE_WARN", "0.01")),
         quarantine_error_rate=float(environ.get("HEARTBEAT_QUARANTINE_ERROR", "0.2")),
+        **lakehouse_options,
     )
     spark_options = {}
     if environ.get("HEARTBEAT_SPARK_LOG_LEVEL"):

@@ -76,6 +76,14 @@ class LakehouseResource(ConfigurableResource):
         description="The quarantine_rate checks fail when a run quarantines more than this share.",
     )
 
+    landing_watch_seconds: float = Field(
+        default=4.0,
+        ge=0,
+        description="How long a landing sensor's tick watches an unchanged folder (one stat every "
+        "0.1 s) before it returns. The daemon starts ticks every 5 s, so a file that lands while a "
+        "tick watches starts its run at once instead of waiting for the next one. 0: look once.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _local_path(cls, value: str) -> str:

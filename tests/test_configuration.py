@@ -92,6 +92,12 @@ def test_resources_from_the_environment(tmp_path):
     assert resources_from_env({**env, "HEARTBEAT_WARM_JVM": "0"})["spark"].keep_jvm_warm_s == 0
     with pytest.raises(ValueError, match="HEARTBEAT_WARM_JVM must be the seconds"):
         resources_from_env({**env, "HEARTBEAT_WARM_JVM": "10m"})
+    assert resources["lakehouse"].landing_watch_seconds == 4
+    assert resources_from_env({**env, "HEARTBEAT_LANDING_WATCH": "0"})["lakehouse"].landing_watch_seconds == 0
+    with pytest.raises(ValueError, match="HEARTBEAT_LANDING_WATCH must be the seconds"):
+        resources_from_env({**env, "HEARTBEAT_LANDING_WATCH": "4s"})
+    with pytest.raises(ValueError, match="landing_watch_seconds"):
+        resources_from_env({**env, "HEARTBEAT_LANDING_WATCH": "-1"})
 
 
 def test_data_root_as_a_file_uri(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import time
 
 from dagster import RunRequest, build_sensor_context
@@ -14,6 +15,7 @@ from heartbeat_assets.sensors import (
     patients_landing_sensor,
     recordings_landing_sensor,
     scan_new_files,
+    watch_for_new_files,
 )
 from heartbeat_assets.simulator import land_file
 from resources import LakehouseResource
@@ -36,8 +38,13 @@ def changed_ns(path) -> int:
     return os.stat(path).st_ctime_ns
 
 
+def lakehouse_at(root, watch_seconds: float = 0.0) -> LakehouseResource:
+    """Ticks look at the folder once, unless a test is about watching it."""
+    return LakehouseResource(data_dir=str(root), landing_watch_seconds=watch_seconds)
+
+
 def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
-    lakehouse = LakehouseResource(data_dir=str(tmp_path))
+    lakehouse = lakehouse_at(tmp_path)
     landing = lakehouse.recordings_landing
     result, _ = tick(recordings_landing_sensor, lakehouse)
     assert skipped(result)
@@ -57,7 +64,7 @@ def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
 
 
 def test_cursor_stays_small_with_many_files_and_restart_loses_nothing(tmp_path):
-    lakehouse = LakehouseResource(data_dir=str(tmp_path))
+    lakehouse = lakehouse_at(tmp_path)
     landing = lakehouse.recordings_landing
     for i in range(2000):
         land_file(landing, f"r{i:05d}.json", b"{}")
@@ -97,6 +104,8 @@ def test_a_tick_on_an_unchanged_folder_does_not_list_it(tmp_path, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(os, "scandir", no_listing)
         assert scan_new_files(landing, cursor, (".json",)) == LandingScan([], cursor)
+        # A tick that watches the folder for new files does not list it either while it is unchanged.
+        assert watch_for_new_files(landing, cursor, (".json",), seconds=0.5) == LandingScan([], cursor)
     land_file(landing, "new.json", b"{}")  # changes the folder: the next settled tick lists it
     settle()
     scan = scan_new_files(landing, cursor, (".json",))
@@ -130,7 +139,7 @@ def test_a_file_that_has_not_settled_starts_a_run_once(tmp_path, monkeypatch):
     assert scan_new_files(landing, settled.cursor, (".json",)).files == []
 
     # Through the sensor: the two requests carry one run key.
-    lakehouse = LakehouseResource(data_dir=str(tmp_path / "root"))
+    lakehouse = lakehouse_at(tmp_path / "root")
     result, _ = tick(recordings_landing_sensor, lakehouse)
     land_file(lakehouse.recordings_landing, "c.json", b"{}")
     monkeypatch.setattr(sensors, "SETTLE_SECONDS", 3600.0)  # c.json has not settled
@@ -143,8 +152,26 @@ def test_a_file_that_has_not_settled_starts_a_run_once(tmp_path, monkeypatch):
     assert skipped(tick(recordings_landing_sensor, lakehouse, cursor=later.cursor)[0])
 
 
+def test_a_tick_that_finds_nothing_watches_and_starts_a_run_for_a_file_that_lands(tmp_path):
+    lakehouse = lakehouse_at(tmp_path, watch_seconds=30)
+    land_file(lakehouse.recordings_landing, "seen.json", b"{}")
+    settle()
+    first, _ = tick(recordings_landing_sensor, lakehouse)
+    assert first.run_requests[0].tags["heartbeat/new_files"] == "1"  # found at once: no watching
+
+    landing = threading.Timer(0.5, land_file, (lakehouse.recordings_landing, "while-watching.json", b"{}"))
+    landing.start()
+    watched, _ = tick(recordings_landing_sensor, lakehouse, cursor=first.cursor)
+    landing.join()
+    assert watched.run_requests[0].tags["heartbeat/new_files"] == "1"
+    # However the file had settled when the watch found it, it starts one run.
+    settle()
+    later, _ = tick(recordings_landing_sensor, lakehouse_at(tmp_path), cursor=watched.cursor)
+    assert {r.run_key for r in watched.run_requests + later.run_requests} == {watched.run_requests[0].run_key}
+
+
 def test_patients_sensor_and_definitions_wire_up(tmp_path):
-    lakehouse = LakehouseResource(data_dir=str(tmp_path))
+    lakehouse = lakehouse_at(tmp_path)
     land_file(lakehouse.patients_landing, "p.csv", b"mrn,name\n1,A\n")
     settle()
     result, _ = tick(patients_landing_sensor, lakehouse)
