@@ -149,6 +149,10 @@ LAUNCH_SETTINGS = ("spark.driver.", "spark.jars", "spark.files", "spark.submit."
 LAUNCH_ENVIRONMENT = ("SPARK_", "PYSPARK_", "HADOOP_", "JAVA_", "_JAVA_", "JDK_")
 GATEWAY_ENVIRONMENT = ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")
 
+#: In the folder's name: a keeper that runs code from before a change to these files (a project
+#: updated while its JVM idles) keeps its own folder, and idles out there.
+KEEPER_PROTOCOL = 2
+
 #: The pid of the warm JVM this process is attached to, if any (the crash tests' kill points kill it).
 attached_jvm_pid: int | None = None
 
@@ -158,7 +162,12 @@ class WarmDriver:
 
     Files in its folder: `lock` (held by the run that uses the JVM; its mtime is the last use),
     `attached` (the pid of that run, removed when it lets go), `gateway.json` (port, secret and pids,
-    readable by this user only), `launch.json` (what the keeper starts) and `jvm.log` (Spark's log).
+    readable by this user only), `launch.json` (what the keeper starts), `keeper.lock` (held by the
+    keeper while it lives) and `jvm.log` (Spark's log).
+
+    A process is taken for the keeper only while `keeper.lock` is held: the pids in `gateway.json`
+    outlive a keeper that was killed, and the system gives them to new processes and threads, which
+    must never be sent the keeper's signals.
 
     - A run that finds the JVM taken (another data root's run) starts a JVM of its own, as without.
     - A run that dies attached leaves `attached` behind with the lock free: the keeper then kills the
@@ -179,6 +188,7 @@ class WarmDriver:
         java = java_binary()
         stamp = json.dumps(
             [
+                KEEPER_PROTOCOL,
                 java,
                 os.stat(java).st_mtime_ns if java else 0,
                 pyspark.__version__,
@@ -239,7 +249,7 @@ class WarmDriver:
             gateway = json.loads((self.dir / "gateway.json").read_text())
         except (OSError, ValueError):
             return None
-        if _alive(gateway["keeper_pid"]) and _alive(gateway["jvm_pid"]) and listening(gateway["port"]):
+        if keeper_running(self.dir) and _alive(gateway["jvm_pid"]) and listening(gateway["port"]):
             return gateway
         self.discard()
         return None
@@ -273,13 +283,15 @@ class WarmDriver:
         except (OSError, ValueError):
             gateway = {}
         keeper_pid = gateway.get("keeper_pid") or (self._keeper.pid if self._keeper else None)
-        if keeper_pid:
+        if keeper_pid and keeper_running(self.dir):
             try:
                 os.killpg(keeper_pid, signal.SIGKILL)  # the keeper leads its group; the JVM is in it
             except (ProcessLookupError, PermissionError):
                 pass
-        for pid in (gateway.get("jvm_pid"), keeper_pid):
-            _wait_gone(pid)
+            for pid in (gateway.get("jvm_pid"), keeper_pid):
+                _wait_gone(pid)
+        if self._keeper is not None:
+            self._keeper.poll()  # reaped: a child of this process is not left a zombie
         (self.dir / "gateway.json").unlink(missing_ok=True)
         (self.dir / "attached").unlink(missing_ok=True)
 
@@ -299,24 +311,47 @@ def forget_java_objects(gateway) -> None:
 
 def warm_driver_keepers(cache_dir: Path | None) -> list[int]:
     """The pids of the keepers of warm driver JVMs under `cache_dir` (each leads its process group)."""
-    pids = []
+    return [pid for _, pid in _running_keepers(cache_dir)]
+
+
+def _running_keepers(cache_dir: Path | None) -> list[tuple[Path, int]]:
+    keepers = []
     for gateway in (cache_dir or Path("/nonexistent")).glob("warm-driver-*/gateway.json"):
         try:
             pid = json.loads(gateway.read_text())["keeper_pid"]
         except (OSError, ValueError, KeyError):
             continue
-        if _alive(pid):
-            pids.append(pid)
-    return pids
+        if keeper_running(gateway.parent):
+            keepers.append((gateway.parent, pid))
+    return keepers
+
+
+def keeper_running(directory: Path) -> bool:
+    """Whether a keeper lives in `directory`: it holds `keeper.lock` (the system lets go of the lock
+    when the process ends, however it ends)."""
+    try:
+        handle = open(directory / "keeper.lock")
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        return False  # closing the file lets go of the lock just taken
 
 
 def stop_warm_drivers(cache_dir: Path | None) -> None:
     """End every warm driver JVM under `cache_dir` now (each writes its class archive if it has one
     to write); a run that uses one keeps it until the run ends."""
-    for pid in warm_driver_keepers(cache_dir):
+    keepers = _running_keepers(cache_dir)
+    for _, pid in keepers:
         os.kill(pid, signal.SIGTERM)
-    for pid in warm_driver_keepers(cache_dir):
-        _wait_gone(pid, timeout=DUMP_TIMEOUT_S)
+    deadline = time.monotonic() + DUMP_TIMEOUT_S
+    while any(keeper_running(directory) for directory, _ in keepers) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def cap_log(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
@@ -390,6 +425,10 @@ def keep(directory: Path) -> None:
         archive = ClassArchive(Path(launch["cache_dir"]), java_options)
         archive_options = archive.java_options(create=True)
         config["spark.driver.extraJavaOptions"] = f"{java_options} {archive_options}".strip()
+    # Held until this process ends: while it is, the pids in gateway.json are this keeper's.
+    keeper_lock = open(directory / "keeper.lock", "a")
+    if not _lock(keeper_lock, START_TIMEOUT_S):
+        sys.exit(f"another keeper holds {directory / 'keeper.lock'}")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     gateway = launch_gateway(SparkConf(loadDefaults=False).setAll(list(config.items())))

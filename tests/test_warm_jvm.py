@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from resources.jvm import cap_log, default_cache_dir, stop_warm_drivers, warm_driver_keepers
+from resources.jvm import WarmDriver, cap_log, default_cache_dir, stop_warm_drivers, warm_driver_keepers
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -168,6 +168,60 @@ def test_a_run_killed_while_attached_takes_the_jvm_down_with_it(tmp_path, cache)
     after = run_session(tmp_path, cache, "after")
     assert after["sums"] == [45]
     assert after["jvm_pid"] != jvm_pid
+
+
+KEEPER_STAND_IN = """
+import fcntl, sys, time
+lock = open(sys.argv[1], "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_only_a_live_keeper_is_signalled_not_whoever_has_its_pid_now(tmp_path):
+    """A keeper killed outright leaves gateway.json behind. Its pid then goes to a new process, or to
+    a thread of one (a signal to a thread's id reaches its whole process): stopping warm drivers or
+    replacing the dead keeper must not signal it. A keeper is known by the lock it holds."""
+
+    def leave_gateway(driver: WarmDriver, pid: int) -> None:
+        driver.dir.mkdir(parents=True, exist_ok=True)
+        gateway = {"port": 1, "secret": "-", "keeper_pid": pid, "jvm_pid": pid}
+        (driver.dir / "gateway.json").write_text(json.dumps(gateway))
+
+    # A process that leads its group, as keepers do, with the pid a dead keeper left.
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        dead = WarmDriver(tmp_path / "cache", {"spark.driver.memory": "1g"}, idle_s=60)
+        leave_gateway(dead, stranger.pid)
+        assert warm_driver_keepers(tmp_path / "cache") == []
+        stop_warm_drivers(tmp_path / "cache")
+        dead.discard()  # what a run does before it starts a new keeper
+        with pytest.raises(subprocess.TimeoutExpired):
+            stranger.wait(timeout=1)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+    # A live keeper (here a stand-in holding its lock) is stopped, and is gone when that returns.
+    live = WarmDriver(tmp_path / "cache", {"spark.driver.memory": "2g"}, idle_s=60)
+    live.dir.mkdir(parents=True)
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", KEEPER_STAND_IN, str(live.dir / "keeper.lock")],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert keeper.stdout.readline() == "locked\n"
+        leave_gateway(live, keeper.pid)
+        assert warm_driver_keepers(tmp_path / "cache") == [keeper.pid]
+        stop_warm_drivers(tmp_path / "cache")
+        assert keeper.wait(timeout=5) == -signal.SIGTERM
+        assert warm_driver_keepers(tmp_path / "cache") == []
+    finally:
+        keeper.kill()
+        keeper.wait()
 
 
 def test_the_jvm_log_is_rotated_under_the_writer(tmp_path):
