@@ -24,21 +24,17 @@ def resources_from_env(environ=os.environ) -> dict:
     - `HEARTBEAT_LANDING_WATCH`: seconds a sensor tick watches its landing folder (default 4; 0: none).
     """
     previews = environ.get("HEARTBEAT_TABLE_PREVIEWS", "1").strip().lower() not in ("0", "false", "no")
-    lakehouse_options = {}
-    if environ.get("HEARTBEAT_LANDING_WATCH", "").strip():
-        try:
-            lakehouse_options["landing_watch_seconds"] = float(environ["HEARTBEAT_LANDING_WATCH"])
-        except ValueError:
-            raise ValueError(
-                "HEARTBEAT_LANDING_WATCH must be the seconds a sensor tick watches its landing folder "
-                f"(0: it looks once), not {environ['HEARTBEAT_LANDING_WATCH']!r}"
-            ) from None
+    watch = _seconds(
+        environ,
+        "HEARTBEAT_LANDING_WATCH",
+        "the seconds a sensor tick watches its landing folder (0: it looks once)",
+    )
     lakehouse = LakehouseResource(
         data_dir=environ.get("HEARTBEAT_DATA_DIR") or default_data_dir(),
         table_previews=previews,
         quarantine_warn_rate=float(environ.get("HEARTBEAT_QUARANTINE_WARN", "0.01")),
         quarantine_error_rate=float(environ.get("HEARTBEAT_QUARANTINE_ERROR", "0.2")),
-        **lakehouse_options,
+        **({} if watch is None else {"landing_watch_seconds": watch}),
     )
     spark_options = {}
     if environ.get("HEARTBEAT_SPARK_LOG_LEVEL"):
@@ -55,14 +51,13 @@ def resources_from_env(environ=os.environ) -> dict:
         spark_options["master"] = master
     if remote:
         spark_options["remote"] = remote
-    if environ.get("HEARTBEAT_WARM_JVM", "").strip():
-        try:
-            spark_options["keep_jvm_warm_s"] = float(environ["HEARTBEAT_WARM_JVM"])
-        except ValueError:
-            raise ValueError(
-                "HEARTBEAT_WARM_JVM must be the seconds a local driver JVM waits for the next run "
-                f"(0: a JVM per run), not {environ['HEARTBEAT_WARM_JVM']!r}"
-            ) from None
+    warm = _seconds(
+        environ,
+        "HEARTBEAT_WARM_JVM",
+        "the seconds a local driver JVM waits for the next run (0: a JVM per run)",
+    )
+    if warm is not None:
+        spark_options["keep_jvm_warm_s"] = warm
     if environ.get("HEARTBEAT_SPARK_CONF"):
         try:
             spark_config = json.loads(environ["HEARTBEAT_SPARK_CONF"])
@@ -77,3 +72,13 @@ def resources_from_env(environ=os.environ) -> dict:
             )
         spark_options["spark_config"] = spark_config
     return {"lakehouse": lakehouse, "spark": SparkSessionResource(lakehouse=lakehouse, **spark_options)}
+
+
+def _seconds(environ, name: str, meaning: str) -> float | None:
+    """The seconds `environ[name]` gives, or None where it is unset or empty."""
+    if not environ.get(name, "").strip():
+        return None
+    try:
+        return float(environ[name])
+    except ValueError:
+        raise ValueError(f"{name} must be {meaning}, not {environ[name]!r}") from None
