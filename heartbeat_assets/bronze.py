@@ -322,10 +322,10 @@ def bronze_recordings(
         key = "r" + hashlib.sha1(path.name.encode()).hexdigest()[:16]
         append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
-    def write_batch(files: DataFrame, batch_id: int) -> dict[str, float]:
+    def write_batch(elements: DataFrame, batch_id: int) -> dict[str, float]:
         # Parsed once (the first write caches it); each write counts its rows and notes the newest
         # file as it goes, so a batch costs two Spark jobs.
-        elements = parse_recordings(files).withColumn("ingested_at", F.current_timestamp()).persist()
+        elements = elements.persist()
         try:
             good, bad = Observation(), Observation()
             newest = F.max("source_modified_at").alias("newest")
@@ -349,10 +349,12 @@ def bronze_recordings(
         finally:
             elements.unpersist()
 
+    # Parsed in the stream, so the plan is built once per run (each micro-batch gets it from Spark);
+    # `ingested_at` is then the micro-batch's time.
     landed = read_landing(spark.spark_session, lakehouse.recordings_landing, RECORDINGS_GLOB)
     elements = parse_recordings(landed).withColumn("ingested_at", F.current_timestamp())
     report = run_available_now(
-        landed,
+        elements,
         name="bronze/recordings",
         checkpoint=lakehouse.checkpoint("bronze/recordings"),
         write_batch=write_batch,
