@@ -1,7 +1,9 @@
 """Bronze: every landed recording and patient row as received, and every unreadable element kept aside."""
 
+import functools
 import gzip
 import hashlib
+import operator
 import os
 import re
 import time
@@ -197,25 +199,41 @@ def parse_recordings(files: DataFrame) -> DataFrame:
         "_malformed_array",
     )
 
+    # Every element is parsed once, into the recording's types. Only elements that are not clean
+    # recordings are parsed again, to tell why (each parse costs as much as the rest of bronze).
     typed = F.from_json(
         "raw",
         f"{RECORDING_SCHEMA}, _corrupt string",
         {**STRICT_JSON, "mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt"},
     )
+    parsed = elements.select("*", typed.alias("_t"))
     as_text = F.from_json("raw", ", ".join(f"{name} string" for name in RECORDING_FIELDS), STRICT_JSON)
     as_object = F.from_json("raw", "map<string, variant>", STRICT_JSON)
-    parsed = elements.select("*", typed.alias("_t"), as_text.alias("_s"), as_object.alias("_o"))
 
-    field_problems = [_field_problem(name) for name in RECORDING_FIELDS]
-    reason = F.when(F.col("raw").contains("\ufffd"), F.lit("not_utf8")).otherwise(
-        F.when(F.col("_malformed_array") | F.col("_o").isNull(), F.lit("malformed_json")).otherwise(
-            F.nullif(F.concat_ws(";", *field_problems), F.lit(""))
+    clean = (
+        F.col("_t._corrupt").isNull()
+        & ~F.col("_malformed_array")
+        & ~F.col("raw").contains("\ufffd")
+        & ~functools.reduce(operator.or_, [F.col(f"_t.{name}").isNull() for name in RECORDING_FIELDS])
+    )
+    field_problems = [_field_problem(name, as_text, as_object) for name in RECORDING_FIELDS]
+    reason = F.when(clean, F.lit(None).cast("string")).otherwise(
+        F.when(F.col("raw").contains("\ufffd"), F.lit("not_utf8")).otherwise(
+            F.when(F.col("_malformed_array") | as_object.isNull(), F.lit("malformed_json")).otherwise(
+                F.nullif(F.concat_ws(";", *field_problems), F.lit(""))
+            )
         )
     )
-    extras = F.map_filter("_o", lambda key, _: ~key.isin(*RECORDING_FIELDS))
+    # The top-level keys of an element (a strict scan: null where the parse allows more, e.g. NaN)
+    # tell whether it has fields beyond the recording's; only then are they rescued.
+    unknown_keys = F.array_except(F.json_object_keys("raw"), F.array(*map(F.lit, RECORDING_FIELDS)))
+    extras = F.map_filter(as_object, lambda key, _: ~key.isin(*RECORDING_FIELDS))
+    rescued = F.when(F.size(unknown_keys) == 0, F.lit(None).cast("string")).otherwise(
+        F.when(F.size(extras) > 0, F.to_json(extras))
+    )
     return parsed.select(
         *[F.col(f"_t.{name}").alias(name) for name in RECORDING_FIELDS],
-        F.when(F.size(extras) > 0, F.to_json(extras)).alias("_rescued"),
+        rescued.alias("_rescued"),
         "raw",
         reason.alias("reason"),
         "source_file",
@@ -225,11 +243,11 @@ def parse_recordings(files: DataFrame) -> DataFrame:
     )
 
 
-def _field_problem(name: str) -> Column:
+def _field_problem(name: str, as_text: Column, as_object: Column) -> Column:
     return F.when(
         F.col(f"_t.{name}").isNull(),
-        F.when(F.col(f"_s.{name}").isNotNull(), F.lit(f"wrong_type:{name}"))
-        .when(F.array_contains(F.map_keys("_o"), name), F.lit(f"null_field:{name}"))
+        F.when(as_text[name].isNotNull(), F.lit(f"wrong_type:{name}"))
+        .when(F.array_contains(F.map_keys(as_object), name), F.lit(f"null_field:{name}"))
         .otherwise(F.lit(f"missing_field:{name}")),
     )
 

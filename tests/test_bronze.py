@@ -72,6 +72,36 @@ def test_json_lines_with_every_kind_of_problem(spark):
     ]  # fmt: skip
 
 
+def test_unknown_fields_are_rescued_whatever_else_is_wrong(spark):
+    # Elements are parsed again only when they are not clean recordings or have keys beyond the
+    # recording's; these are the cases where the second parse must still give the same answer.
+    text = "\n".join(
+        [
+            '{"device_id": 1, "mrn": 10, "time": 9, "heartrate": NaN, "note": "x"}',
+            '{"device_id": "1", "mrn": 10, "time": 9, "heartrate": 70, "note": "y"}',
+            '{"device_id": 1, "mrn": 10, "time": 9, "heartrate": 70, "device_id": 2}',
+            '{"Device_ID": 1, "mrn": 10, "time": 9, "heartrate": 70}',
+            "{'device_id': 1, 'mrn': 10, 'time': 9, 'heartrate': 70}",
+            '{"device_id": 1, "mrn": 10, "time": 9, "heartrate": 70, "n": null}',
+            '{"device_id": 1, "mrn": 10, "time": 9, "heartrate": Infinity, "z": [1,2]}',
+            '[{"device_id": 1, "mrn": 10, "time": 9, "heartrate": 70, "q": 1}, 5]',
+            '{"device_id": 1, "mrn": 10, "time": 9, "heartrate": 70, "": 1}',
+        ]
+    )
+    assert parsed(spark, text) == [
+        (1, None, 1, 10, 9.0, "NaN", '{"note":"x"}', None),
+        (2, None, None, 10, 9.0, 70.0, '{"note":"y"}', "wrong_type:device_id"),
+        (3, None, 2, 10, 9.0, 70.0, None, None),
+        (4, None, None, 10, 9.0, 70.0, '{"Device_ID":1}', "missing_field:device_id"),
+        (5, None, None, None, None, None, None, "malformed_json"),
+        (6, None, 1, 10, 9.0, 70.0, '{"n":null}', None),
+        (7, None, 1, 10, 9.0, math.inf, '{"z":[1,2]}', None),
+        (8, 1, 1, 10, 9.0, 70.0, '{"q":1}', None),
+        (8, 2, None, None, None, None, None, "malformed_json"),
+        (9, None, 1, 10, 9.0, 70.0, '{"":1}', None),
+    ]
+
+
 def test_pretty_printed_array_file_and_array_lines(spark):
     array_file = """
     [
