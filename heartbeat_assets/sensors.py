@@ -25,8 +25,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import (
+    AssetKey,
+    AssetSelection,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    load_assets_from_modules,
+    sensor,
+)
 
+from heartbeat_assets import bronze, gold, silver
 from heartbeat_assets.jobs import medallion_job
 from resources import LakehouseResource
 
@@ -131,7 +142,17 @@ def _mtime_ns(folder: Path) -> int | None:
         return None
 
 
-def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description: str):
+def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], table: str, description: str):
+    # A run for new files materializes what they reach: the table they land in and everything
+    # downstream of it (with the other outputs of the same steps), not the other landing folder's
+    # steps. Files landing in both folders start two runs, which the queue runs one after the other.
+    reached = sorted(
+        AssetSelection.assets(AssetKey(table.split("/")))
+        .downstream()
+        .required_multi_asset_neighbors()
+        .resolve(load_assets_from_modules([bronze, silver, gold]))
+    )
+
     @sensor(
         name=name,
         job=medallion_job,
@@ -160,6 +181,7 @@ def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], description
         return SensorResult(
             run_requests=[
                 RunRequest(
+                    asset_selection=reached,
                     # A run started by these files lists the folder after this tick, so it ingests
                     # them; the same key on a later tick (the files now settled) is skipped.
                     run_key=f"{name}:{scan.newest_ctime_ns}",
@@ -176,11 +198,15 @@ recordings_landing_sensor = _landing_sensor(
     "recordings_landing_sensor",
     lambda lakehouse: lakehouse.recordings_landing,
     (".json", ".json.gz"),
-    "Starts a medallion run when recording files land in landing/recordings.",
+    "bronze/recordings",
+    "Starts a medallion run of bronze/recordings and everything downstream when recording files land "
+    "in landing/recordings.",
 )
 patients_landing_sensor = _landing_sensor(
     "patients_landing_sensor",
     lambda lakehouse: lakehouse.patients_landing,
     (".csv",),
-    "Starts a medallion run when patient CSV files land in landing/patients.",
+    "bronze/patients",
+    "Starts a medallion run of bronze/patients and everything downstream when patient CSV files land "
+    "in landing/patients.",
 )

@@ -63,6 +63,31 @@ def test_new_files_start_one_run_and_advance_the_cursor(tmp_path):
     assert skipped(again)
 
 
+def test_a_run_materializes_what_its_landing_folder_reaches(tmp_path):
+    """New recordings reach neither patient table; new patients reach every table downstream of
+    silver/patients (silver/recordings' step, which then finds no new recording, and gold)."""
+    lakehouse = lakehouse_at(tmp_path)
+    land_file(lakehouse.recordings_landing, "r.json", b"{}")
+    land_file(lakehouse.patients_landing, "p.csv", b"mrn,name\n")
+    settle()
+    gold = ["gold/daily_patient_avg", "gold/device_signal_loss", "gold/heartrate_by_patient"]
+    silver_recordings = ["silver/recordings", "silver/recordings_quarantine"]
+    expected = {
+        recordings_landing_sensor: [
+            "bronze/recordings",
+            "bronze/recordings_quarantine",
+            *gold,
+            *silver_recordings,
+        ],
+        patients_landing_sensor: ["bronze/patients", *gold, "silver/patients", *silver_recordings],
+    }
+    for sensor, tables in expected.items():
+        (request,) = tick(sensor, lakehouse)[0].run_requests
+        assert sorted(key.to_user_string() for key in request.asset_selection) == tables
+        # Those tables' checks run too (Dagster adds them to the selection).
+        assert request.asset_check_keys is None
+
+
 def test_cursor_stays_small_with_many_files_and_restart_loses_nothing(tmp_path):
     lakehouse = lakehouse_at(tmp_path)
     landing = lakehouse.recordings_landing
