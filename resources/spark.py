@@ -37,9 +37,6 @@ LOCAL_DEFAULTS: dict[str, str] = {
     # RocksDB would read every key before writing it to keep a count of the state's rows, which
     # nothing here reads: silver's dedupe of 500k recordings took 18.6 s instead of 21.7 s without it.
     "spark.sql.streaming.stateStore.rocksdb.trackTotalNumberOfRows": "false",
-    # A micro-batch is cached only while its writers read it: compressing the cache cost more than it
-    # saved (500k recordings: bronze 27.9 -> 25.3 s, silver 18.6 -> 17.4 s; same peak memory).
-    "spark.sql.inMemoryColumnarStorage.compressed": "false",
     # Progress of every micro-batch of a run is summed into the asset's metadata.
     "spark.sql.streaming.numRecentProgressUpdates": "1000",
     "spark.ui.showConsoleProgress": "false",
