@@ -342,8 +342,9 @@ def bronze_recordings(
 
     def write_batch(elements: DataFrame, batch_id: int) -> dict[str, float]:
         # Parsed once (the first write caches it); each write counts its rows and notes the newest
-        # file as it goes, so a batch costs two Spark jobs.
-        elements = elements.persist()
+        # file as it goes, so a batch costs two Spark jobs. Only quarantined elements keep their raw
+        # text in the cache: the recordings table has no use for it, and it is most of the bytes.
+        elements = elements.withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))).persist()
         try:
             good, bad = Observation(), Observation()
             newest = F.max("source_modified_at").alias("newest")
