@@ -130,11 +130,24 @@ def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFram
     return spark.createDataFrame([], PATIENTS_SCHEMA)
 
 
-def read_table_stream(spark: SparkSession, lakehouse: LakehouseResource, name: str, schema: str) -> DataFrame:
-    """Stream the files appended to one of the lakehouse's own tables."""
+#: Silver caches each micro-batch for its writers and quality counts; bronze's Parquet holds about
+#: 8 bytes a recording, so this bounds a batch at about a million recordings, whatever the backlog
+#: (a full refresh of silver reads all of bronze). Two million in one batch have run the driver's
+#: 768 MiB heap out of memory here (with the cache uncompressed).
+MAX_BRONZE_BYTES_PER_BATCH = 8 * 2**20
+
+
+def read_table_stream(
+    spark: SparkSession, lakehouse: LakehouseResource, name: str, schema: str, max_bytes_per_batch: int = 0
+) -> DataFrame:
+    """Stream the files appended to one of the lakehouse's own tables, in micro-batches of at most
+    `max_bytes_per_batch` bytes of files (at least one file; 0: everything new at once)."""
     table = lakehouse.table(name)
     table.mkdir(parents=True, exist_ok=True)
-    return spark.readStream.schema(schema).option("maxFileAge", "36500d").parquet(str(table))
+    stream = spark.readStream.schema(schema).option("maxFileAge", "36500d")
+    if max_bytes_per_batch:
+        stream = stream.option("maxBytesPerTrigger", max_bytes_per_batch)
+    return stream.parquet(str(table))
 
 
 class SilverRecordingsConfig(Config):
@@ -244,7 +257,9 @@ def silver_recordings(
         finally:
             batch.unpersist()
 
-    stream = read_table_stream(session, lakehouse, "bronze/recordings", BRONZE_RECORDINGS_SCHEMA)
+    stream = read_table_stream(
+        session, lakehouse, "bronze/recordings", BRONZE_RECORDINGS_SCHEMA, MAX_BRONZE_BYTES_PER_BATCH
+    )
     cleaned = clean_recordings(
         stream,
         read_patients(session, lakehouse),

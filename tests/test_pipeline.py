@@ -3,7 +3,7 @@
 import gzip
 import math
 
-from heartbeat_assets import tables
+from heartbeat_assets import silver, tables
 from heartbeat_assets.simulator import Faults, Simulator, land_file
 from resources import TABLES
 from tests import oracle
@@ -249,3 +249,20 @@ def test_empty_lakehouse_run_creates_empty_tables(lakehouse):
     ):
         assert lakehouse.read(table) == []
     lakehouse.run()  # and an idle run on it changes nothing
+
+
+def test_silver_reads_a_large_bronze_in_bounded_micro_batches(lakehouse, monkeypatch):
+    """Silver caches each micro-batch: a backlog is read a few files at a time, and duplicates that
+    fall in different micro-batches are still dropped once."""
+    monkeypatch.setattr(silver, "MAX_BRONZE_BYTES_PER_BATCH", 1)  # one bronze file per micro-batch
+    sim = Simulator(lakehouse.root, seed=4, patients=3, devices=3)
+    sim.land_patients()
+    sim.land_recordings(files=2, records=100, wave=0)
+    sim.land_recordings(files=2, records=100, faults=Faults(duplicates=0.2, invalid_heartrate=0.05), wave=1)
+    result = lakehouse.run()
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+    _, silver_counts = assert_run_accounts_for_every_row(lakehouse, result)
+    bronze_files = tables.data_files(lakehouse.resource.table("bronze/recordings"))
+    assert silver_counts["micro_batches"] == len(bronze_files) > 1
+    assert silver_counts["duplicates_dropped"] == expected.duplicates > 0
