@@ -45,19 +45,24 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.streaming.checkpointFileManagerClass": (
         "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
     ),
-    # C1 only: a run's queries are short, and the optimizing C2 compiler cost more time (in a fresh
-    # JVM) than its faster code saved: bronze ingesting 10 files took 10.7 s instead of 13.2 s.
     # Serial GC: on a laptop's few cores G1's concurrent threads compete with the tasks and its heap
     # grows further; the 2M-recording load took 89 s and peaked at 1479 MiB instead of 91 s, 1866 MiB.
     # The heap grows only when less than 10% is free after a collection, and shrinks above 20%.
-    # C1 only also shrinks the code cache to 48 MB, which a JVM that runs many queries fills with the
-    # code Spark generates for each (the test suite's session did, after 4.5 minutes: "CodeCache is
-    # full", then every task failed); a warm driver JVM serves runs for weeks. 240 MB is the usual
-    # size; it is reserved, and used only as code is compiled.
+    # Both JIT compilers (C1, then C2 for hot code) in a JVM that serves many runs, the warm driver:
+    # C2's code is faster once compiled (the 2M-recording load: 119 s against 189 s with C1 only,
+    # in a JVM of its own), and a JVM that lives on earns back its compile time. A JVM that lives for
+    # one run compiles with C1 only (`ONE_RUN_JIT`). C1 only would also shrink the code cache to
+    # 48 MB, which a JVM that runs many queries fills with the code Spark generates for each ("CodeCache
+    # is full", then every task failed); 240 MB is reserved, and used only as code is compiled.
     "spark.driver.extraJavaOptions": (
-        "-Dlog4j2.level=WARN -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m -XX:+UseSerialGC "
+        "-Dlog4j2.level=WARN -XX:ReservedCodeCacheSize=240m -XX:+UseSerialGC "
         "-XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=20"
     ),
+    # One block cache and write-buffer budget for all the RocksDB state stores of a JVM (each store
+    # would have its own): memory outside the heap stays bounded however many stores a warm driver
+    # has opened. The 2M-recording load: 121.6 s, 1446 MiB peak, against 127 s, 1480 MiB.
+    "spark.sql.streaming.stateStore.rocksdb.boundedMemoryUsage": "true",
+    "spark.sql.streaming.stateStore.rocksdb.maxMemoryUsageMB": "128",
     # Listing files without per-file work: Hadoop's local file system starts a process for each
     # file whose permissions are asked for (locality does), and more than `threshold` paths are
     # listed by a Spark job with one task per file. A batch of 5,000 landed files went from ~26 s to
@@ -70,6 +75,12 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.driver.memory": "768m",
 }
 
+
+#: Added to the driver's Java options when a run starts a JVM for itself alone: C1 only. Its queries
+#: are short and C2 compiles in the background on the same few cores; 10 new files in a JVM of the
+#: run's own: 26.3 s a run with C1 only, 35.0 s with C2 (median of 4, alternating). In a warm driver
+#: JVM C2 costs only its first runs: 1-4 s more in the first four, then within a second.
+ONE_RUN_JIT = "-XX:TieredStopAtLevel=1"
 
 #: The Spark Connect server's default port.
 CONNECT_DEFAULT_PORT = 15002
@@ -136,7 +147,8 @@ class SparkSessionResource(LazyPySparkResource):
             raise ValueError(f"The Spark Connect URL {value!r} must look like sc://host:port.")
         return value
 
-    def session_config(self) -> dict[str, str]:
+    def session_config(self, warm_driver: bool = False) -> dict[str, str]:
+        """The session's settings; for a driver JVM that serves one run unless `warm_driver`."""
         config = {
             **LOCAL_DEFAULTS,
             "spark.master": self.master,
@@ -144,6 +156,8 @@ class SparkSessionResource(LazyPySparkResource):
             "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
             "spark.ui.enabled": str(self.ui_enabled).lower(),
         }
+        if not warm_driver:
+            config["spark.driver.extraJavaOptions"] += f" {ONE_RUN_JIT}"
         config.update({key: str(value) for key, value in self.spark_config.items()})
         return config
 
@@ -168,9 +182,9 @@ class SparkSessionResource(LazyPySparkResource):
                     "do not apply to this run; pass them to start-connect-server.sh with --conf."
                 )
         else:
-            config = self.session_config()
-            if self._take_warm_driver(config):
+            if self._take_warm_driver(self.session_config(warm_driver=True)):
                 return
+            config = self.session_config()
             # A JVM this process starts now (none runs yet) may write the class archive at its end.
             # Java options that choose their own archive (or none) are left alone.
             java_options = config.get("spark.driver.extraJavaOptions", "")

@@ -26,7 +26,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from heartbeat_assets.simulator import Faults, Simulator
-from resources.spark import LOCAL_DEFAULTS
+from resources.spark import LOCAL_DEFAULTS, ONE_RUN_JIT
 from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
 
@@ -236,8 +236,9 @@ def test_medallion_on_a_standalone_cluster(standalone_cluster, landed, local_gol
     spark_conf = {
         "spark.app.name": APP_NAME,
         "spark.executor.memory": "512m",
-        # Tiny tasks in cold JVMs, as in the driver: its start options (C1 only, serial collector).
-        "spark.executor.extraJavaOptions": LOCAL_DEFAULTS["spark.driver.extraJavaOptions"],
+        # Tiny tasks in cold JVMs, as in a run's own driver JVM: its start options (C1 only, serial
+        # collector).
+        "spark.executor.extraJavaOptions": f"{LOCAL_DEFAULTS['spark.driver.extraJavaOptions']} {ONE_RUN_JIT}",
         # The application's own record of where each task ran.
         "spark.eventLog.enabled": "true",
         "spark.eventLog.dir": event_log.as_uri(),
@@ -285,6 +286,8 @@ def connect_server(tmp_path_factory):
         "spark.connect.grpc.binding.port": str(port),
         "spark.ui.enabled": "false",
         "spark.sql.shuffle.partitions": "2",
+        # It serves one test's few queries, as a run's own JVM serves one run.
+        "spark.driver.extraJavaOptions": f"{LOCAL_DEFAULTS['spark.driver.extraJavaOptions']} {ONE_RUN_JIT}",
         # The server's record of the streaming queries it ran.
         "spark.eventLog.enabled": "true",
         "spark.eventLog.dir": (root / "events").as_uri(),

@@ -71,6 +71,16 @@ def test_the_driver_jvm_has_room_for_the_code_spark_generates(spark):
     assert int(diagnostics.getVMOption("ReservedCodeCacheSize").getValue()) >= 240 * 2**20
 
 
+def test_java_options_of_the_users_replace_both_jvms_defaults(tmp_path):
+    options = "-Xss4m -XX:+UseG1GC"
+    resource = SparkSessionResource(
+        lakehouse=LakehouseResource(data_dir=str(tmp_path)),
+        spark_config={"spark.driver.extraJavaOptions": options},
+    )
+    for warm_driver in (False, True):
+        assert resource.session_config(warm_driver)["spark.driver.extraJavaOptions"] == options
+
+
 def test_unknown_table_name_is_rejected():
     with pytest.raises(ValueError, match="Unknown table 'gold/nope'"):
         LakehouseResource(data_dir="/tmp").table("gold/nope")

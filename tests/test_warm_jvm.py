@@ -44,8 +44,13 @@ with build_resources({"spark": resource}) as resources:
     spark._jvm.java.lang.System.runFinalization()
     query = writer.option("checkpointLocation", str(data / "checkpoint")).trigger(availableNow=True).start()
     query.awaitTermination()
-    runtime = spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
-    found = {"jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums}
+    management = spark._jvm.java.lang.management.ManagementFactory
+    runtime = management.getRuntimeMXBean()
+    diagnostics = management.getPlatformMXBean(
+        spark._jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
+    )
+    jit = int(diagnostics.getVMOption("TieredStopAtLevel").getValue())
+    found = {"jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums, "jit": jit}
     print("RESULT", json.dumps(found))
     sys.stdout.flush()
     while hold and not Path(hold).exists():
@@ -139,6 +144,7 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
 
 
 def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
+    """...which compiles with C1 only (it lives for one run); the warm JVM with C1 and C2."""
     hold = tmp_path / "release"
     holder = start_session(tmp_path, cache, "holder", hold=hold)
     try:
@@ -149,6 +155,7 @@ def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
     assert holder.wait(timeout=120) == 0
     assert other["sums"] == [45]
     assert other["jvm_pid"] != taken["jvm_pid"]
+    assert (taken["jit"], other["jit"]) == (4, 1)  # TieredStopAtLevel: 4 is C2's level
     wait_until(lambda: not alive(other["jvm_pid"]), timeout=30, what="a run's own JVM ends with the run")
     assert keeper_gateway(cache)["jvm_pid"] == taken["jvm_pid"]
 
