@@ -79,7 +79,8 @@ LOCAL_DEFAULTS: dict[str, str] = {
 #: Added to the driver's Java options when a run starts a JVM for itself alone: C1 only. Its queries
 #: are short and C2 compiles in the background on the same few cores; 10 new files in a JVM of the
 #: run's own: 26.3 s a run with C1 only, 35.0 s with C2 (median of 4, alternating). In a warm driver
-#: JVM C2 costs only its first runs: 1-4 s more in the first four, then within a second.
+#: JVM C2 costs its first runs (one new file each): 35.1 against 26.3 s for the run that starts it,
+#: 1.5-4.3 s more in the next three, then -0.1 to +1.4 s.
 ONE_RUN_JIT = "-XX:TieredStopAtLevel=1"
 
 #: The Spark Connect server's default port.
