@@ -26,7 +26,8 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from heartbeat_assets.simulator import Faults, Simulator
-from resources.spark import LOCAL_DEFAULTS, ONE_RUN_JIT
+from resources import LakehouseResource, SparkSessionResource
+from resources.spark import LOCAL_DEFAULTS
 from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
 
@@ -35,6 +36,10 @@ BIN = Path(sys.executable).parent
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
 GOLD = ["gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/device_signal_loss"]
 APP_NAME = "heartbeat-cluster-test"
+#: The Java options the resource gives a JVM that serves one run (C1 only, serial collector).
+ONE_RUN_JAVA_OPTIONS = SparkSessionResource(lakehouse=LakehouseResource(data_dir="/tmp")).session_config()[
+    "spark.driver.extraJavaOptions"
+]
 
 
 def spark_env(**extra: str) -> dict[str, str]:
@@ -236,9 +241,8 @@ def test_medallion_on_a_standalone_cluster(standalone_cluster, landed, local_gol
     spark_conf = {
         "spark.app.name": APP_NAME,
         "spark.executor.memory": "512m",
-        # Tiny tasks in cold JVMs, as in a run's own driver JVM: its start options (C1 only, serial
-        # collector).
-        "spark.executor.extraJavaOptions": f"{LOCAL_DEFAULTS['spark.driver.extraJavaOptions']} {ONE_RUN_JIT}",
+        # Tiny tasks in cold JVMs, as in a run's own driver JVM: its start options.
+        "spark.executor.extraJavaOptions": ONE_RUN_JAVA_OPTIONS,
         # The application's own record of where each task ran.
         "spark.eventLog.enabled": "true",
         "spark.eventLog.dir": event_log.as_uri(),
@@ -287,7 +291,7 @@ def connect_server(tmp_path_factory):
         "spark.ui.enabled": "false",
         "spark.sql.shuffle.partitions": "2",
         # It serves one test's few queries, as a run's own JVM serves one run.
-        "spark.driver.extraJavaOptions": f"{LOCAL_DEFAULTS['spark.driver.extraJavaOptions']} {ONE_RUN_JIT}",
+        "spark.driver.extraJavaOptions": ONE_RUN_JAVA_OPTIONS,
         # The server's record of the streaming queries it ran.
         "spark.eventLog.enabled": "true",
         "spark.eventLog.dir": (root / "events").as_uri(),
