@@ -1,10 +1,14 @@
 """Gold: per-patient and per-day heart-rate averages, and windows where a device lost its signal.
 
-Each gold table is fed by a complete-mode streaming aggregate over silver/recordings, whose state
+Gold tables are built from complete-mode streaming aggregates over silver/recordings, whose state
 Spark keeps in the checkpoint. Every micro-batch's complete aggregate is kept as a snapshot beside
-the checkpoint; the table is then built from the newest snapshot (joined with the *current* patient
+the checkpoint; a table is then built from the newest snapshot (joined with the *current* patient
 dimension) and swapped in atomically. A renamed patient or a patient row that lands after its
 recordings therefore shows up in gold even when no new recording arrived.
+
+Two aggregates feed the three tables: per patient and day (daily_patient_avg, and heartrate_by_patient
+as its roll-up over days: a streaming query fewer in every run) and per device and window
+(device_signal_loss).
 
 Sums are exact decimals (heart rates at 1e-6 precision), so averages do not depend on the order in
 which recordings arrived.
@@ -14,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -40,6 +45,7 @@ from pyspark.sql import functions as F
 from heartbeat_assets import bronze, checks, silver
 from heartbeat_assets.streaming import (
     InputWatch,
+    QueryReport,
     column_schema,
     latest_metadata,
     run_available_now,
@@ -64,15 +70,19 @@ DEVICE_SIGNAL_LOSS = AssetKey(["gold", "device_signal_loss"])
 # Aggregates: valid on a stream (complete mode) and on a batch DataFrame.
 
 
-def patient_totals(recordings: DataFrame) -> DataFrame:
-    return recordings.groupBy("mrn").agg(
+def patient_daily_totals(recordings: DataFrame) -> DataFrame:
+    return recordings.groupBy("mrn", "date").agg(
         F.sum(F.col("heartrate").cast(HEARTRATE_DECIMAL)).alias("heartrate_sum"), F.count("*").alias("count")
     )
 
 
-def patient_daily_totals(recordings: DataFrame) -> DataFrame:
-    return recordings.groupBy("mrn", "date").agg(
-        F.sum(F.col("heartrate").cast(HEARTRATE_DECIMAL)).alias("heartrate_sum"), F.count("*").alias("count")
+def patient_totals(daily_totals: DataFrame) -> DataFrame:
+    """Per patient, rolled up from `patient_daily_totals` (exact: the sums are decimals)."""
+    # Back to the type a sum over the recordings has: a wider decimal would leave the mean fewer
+    # digits after the point (Spark keeps 38 in all), and its ceiling could come out one too low.
+    sum_type = daily_totals.schema["heartrate_sum"].dataType.simpleString()
+    return daily_totals.groupBy("mrn").agg(
+        F.sum("heartrate_sum").cast(sum_type).alias("heartrate_sum"), F.sum("count").alias("count")
     )
 
 
@@ -167,8 +177,63 @@ class GoldConfig(Config):
     )
 
 
+class GoldAggregate:
+    """A complete-mode streaming aggregate over silver/recordings, with its checkpoint and snapshots.
+
+    Tables built from the same aggregate share one run of its query per step: `run` is called from
+    each table's thread, and the first call runs the query while the others wait for its outcome.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        lakehouse: LakehouseResource,
+        aggregate: Callable[[DataFrame], DataFrame],
+        schema: str,
+    ):
+        self.name, self.lakehouse, self.aggregate, self.schema = name, lakehouse, aggregate, schema
+        self.checkpoint = lakehouse.checkpoint(name)
+        self.snapshots = self.checkpoint / "_aggregate"
+        self._lock = threading.Lock()
+        self._outcome: tuple[QueryReport | None, BaseException | None] | None = None
+
+    def run(self, spark: SparkSession) -> QueryReport:
+        """Bring the aggregate up to date, once per step: later calls get the first call's outcome."""
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._outcome = (self._run_query(spark), None)
+                except Exception as exc:  # each table using the aggregate fails with it
+                    self._outcome = (None, exc)
+        report, error = self._outcome
+        if error is not None:
+            raise error
+        return report
+
+    def _run_query(self, spark: SparkSession) -> QueryReport:
+        recordings = silver.read_table_stream(
+            spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
+        )
+        return run_available_now(
+            self.aggregate(recordings),
+            name=self.name,
+            checkpoint=self.checkpoint,
+            write_batch=functools.partial(write_snapshot, self.snapshots),
+            output_mode="complete",
+        )
+
+    def latest_snapshot(self) -> Path | None:
+        done = [p for p in sorted(self.snapshots.glob("batch-*")) if (p / "_SUCCESS").exists()]
+        return done[-1] if done else None
+
+    def read(self, spark: SparkSession, snapshot: Path | None) -> DataFrame:
+        if snapshot is None:
+            return spark.createDataFrame([], self.schema)
+        return spark.read.schema(self.schema).parquet(str(snapshot))  # written by the query: known schema
+
+
 class GoldTable:
-    """Runs the aggregate of one gold table and rebuilds the table when its inputs changed.
+    """Builds one gold table from its aggregate, rebuilding it when its inputs changed.
 
     `prepare` deals with Dagster (the step's run, event log and logger); `update` and `check` only
     with Spark and the table's files, so the step can run them for its tables in threads at once.
@@ -180,8 +245,7 @@ class GoldTable:
         name: str,
         lakehouse: LakehouseResource,
         *,
-        aggregate: Callable[[DataFrame], DataFrame],
-        aggregate_schema: str,
+        aggregate: GoldAggregate,
         build: Callable[[DataFrame], DataFrame],
         settings: dict,
         uses_patients: bool,
@@ -192,15 +256,18 @@ class GoldTable:
         self.key = AssetKey(name.split("/"))
         self.lakehouse = lakehouse
         self.table = lakehouse.table(name)
+        # The table's own: what it was built from, and the settings its aggregate was built with.
         self.checkpoint = lakehouse.checkpoint(name)
-        self.snapshots = self.checkpoint / "_aggregate"
-        self.aggregate, self.aggregate_schema, self.build = aggregate, aggregate_schema, build
+        self.aggregate, self.build = aggregate, build
         self.settings, self.uses_patients, self.reports_new_rows = settings, uses_patients, reports_new_rows
 
     def prepare(self) -> list | None:
-        """Reset the table on a full refresh and check its settings; the step's results if its inputs
-        are unchanged, else None (then `update` and `check` must run)."""
-        start_fresh(self.context, self.lakehouse, [self.name], keep_data=True)
+        """Reset the table (and its aggregate) on a full refresh and check its settings; the step's
+        results if its inputs are unchanged, else None (then `update` and `check` must run)."""
+        tables = [self.name] if self.aggregate.name == self.name else [self.aggregate.name, self.name]
+        start_fresh(self.context, self.lakehouse, tables, keep_data=True)
+        if self.aggregate.name != self.name and (self.checkpoint / "offsets").is_dir():
+            self._forget_own_query()
         self._check_settings(self.settings)
         inputs_read = [self.lakehouse.table("silver/recordings")]
         if self.uses_patients:
@@ -210,32 +277,28 @@ class GoldTable:
         return unchanged_results(self.context, self.watch, [self.key], nothing_new)
 
     def update(self, spark: SparkSession, landed: float | None) -> MaterializeResult:
-        """Run the aggregate and rebuild the table if its inputs changed; the table's materialization.
+        """Bring the aggregate up to date and rebuild the table if its inputs changed; the table's
+        materialization.
 
         `landed` is when bronze's newest file landed. `check` then gives the table's checks.
         """
-        recordings = silver.read_table_stream(
-            spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
-        )
-        report = run_available_now(
-            self.aggregate(recordings),
-            name=self.name,
-            checkpoint=self.checkpoint,
-            write_batch=functools.partial(write_snapshot, self.snapshots),
-            output_mode="complete",
-        )
-        snapshot = self._latest_snapshot()
+        report = self.aggregate.run(spark)
+        snapshot = self.aggregate.latest_snapshot()
         inputs = {"aggregate_batch": snapshot.name if snapshot else None, "settings": self.settings}
+        if self.aggregate.name != self.name:
+            inputs["aggregate"] = self.aggregate.name
         if self.uses_patients:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
         self.rebuilt = previous is None or previous.get("inputs") != inputs
-        if snapshot is not None:  # written by this query, so its schema is known
-            self.aggregated = spark.read.schema(self.aggregate_schema).parquet(str(snapshot))
-        else:
-            self.aggregated = spark.createDataFrame([], self.aggregate_schema)
+        self.aggregated = self.aggregate.read(spark, snapshot)
         table = self.build(self.aggregated)
-        metadata = {**report.metadata(), **column_schema(table), "table_rebuilt": self.rebuilt}
+        metadata = {
+            **report.metadata(),
+            "aggregate_query": self.aggregate.name,
+            **column_schema(table),
+            "table_rebuilt": self.rebuilt,
+        }
         if self.rebuilt:
             if self.reports_new_rows:  # the check compares the new version with this one
                 self._keep_current_version()
@@ -323,13 +386,19 @@ class GoldTable:
                       "aggregated_rows": in_aggregate, "silver_rows": silver_rows},
         )  # fmt: skip
 
-    def _latest_snapshot(self) -> Path | None:
-        done = [p for p in sorted(self.snapshots.glob("batch-*")) if (p / "_SUCCESS").exists()]
-        return done[-1] if done else None
+    def _forget_own_query(self) -> None:
+        """Delete the state of a query this table once had (heartrate_by_patient, before it was rolled
+        up from the daily aggregate): nothing reads it any more."""
+        for leftover in self.checkpoint.iterdir():
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.name != InputWatch.FILE:
+                leftover.unlink()
+        self.context.log.info(f"Removed the state of {self.name}'s former query from {self.checkpoint}.")
 
     def _check_settings(self, settings: dict) -> None:
         """Settings baked into the aggregate's state cannot change without rebuilding it."""
-        stored = self.checkpoint / "_settings.json"
+        stored = self.aggregate.checkpoint / "_settings.json"
         state = {k: v for k, v in settings.items() if k == "window_seconds"}
         if not state:
             return
@@ -337,12 +406,12 @@ class GoldTable:
             before = json.loads(stored.read_text())
             if before != state:
                 raise Failure(
-                    f"{self.name}: the aggregate in {self.checkpoint} was built with {before}, "
+                    f"{self.name}: the aggregate in {self.aggregate.checkpoint} was built with {before}, "
                     f"this run asks for {state}. Rebuild gold with the new setting with the "
                     "`full_refresh_gold` job (a full refresh), or run with the old setting."
                 )
         else:
-            self.checkpoint.mkdir(parents=True, exist_ok=True)
+            stored.parent.mkdir(parents=True, exist_ok=True)
             stored.write_text(json.dumps(state))
 
 
@@ -365,31 +434,41 @@ COUNTS_CHECK = (
 
 
 def gold_tables(context: AssetExecutionContext, config: GoldConfig, lakehouse: LakehouseResource) -> list:
-    """Every gold table: its aggregate over silver/recordings and how the table is built from it."""
+    """Every gold table: the aggregate over silver/recordings it is built from, and how."""
     signal_loss = config.device_signal_loss.model_dump()
 
     def with_patients(build):
         return lambda totals: build(totals, silver.read_patients(totals.sparkSession, lakehouse))
 
+    # Each aggregate's checkpoint is named after the table it was first made for.
+    daily_totals = GoldAggregate(
+        "gold/daily_patient_avg",
+        lakehouse,
+        patient_daily_totals,
+        "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
+    )
+    window_counts = GoldAggregate(
+        "gold/device_signal_loss",
+        lakehouse,
+        lambda recordings: device_window_counts(recordings, signal_loss["window_seconds"]),
+        "device_id int, window_start bigint, readings bigint",
+    )
     return [
         GoldTable(
             context, "gold/heartrate_by_patient", lakehouse,
-            aggregate=patient_totals,
-            aggregate_schema="mrn bigint, heartrate_sum decimal(30,6), count bigint",
-            build=with_patients(heartrate_by_patient),
+            aggregate=daily_totals,
+            build=with_patients(lambda daily, names: heartrate_by_patient(patient_totals(daily), names)),
             settings={}, uses_patients=True,
         ),
         GoldTable(
             context, "gold/daily_patient_avg", lakehouse,
-            aggregate=patient_daily_totals,
-            aggregate_schema="mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
+            aggregate=daily_totals,
             build=with_patients(daily_patient_avg),
             settings={}, uses_patients=True,
         ),
         GoldTable(
             context, "gold/device_signal_loss", lakehouse,
-            aggregate=lambda recordings: device_window_counts(recordings, signal_loss["window_seconds"]),
-            aggregate_schema="device_id int, window_start bigint, readings bigint",
+            aggregate=window_counts,
             build=lambda counts: device_signal_loss(counts, **signal_loss),
             settings=signal_loss, uses_patients=False, reports_new_rows=True,
         ),

@@ -22,6 +22,11 @@ def patients(spark):
     return spark.createDataFrame([(10, "Ann"), (20, "Bob")], "mrn bigint, name string")
 
 
+def by_patient(spark, rows):
+    """heartrate_by_patient as gold builds it: rolled up from the per-day aggregate."""
+    return heartrate_by_patient(patient_totals(patient_daily_totals(rows)), patients(spark))
+
+
 def test_heartrate_by_patient_is_exact_ceiling_of_the_mean(spark):
     day = datetime(2024, 1, 1)
     rows = silver(
@@ -31,7 +36,7 @@ def test_heartrate_by_patient_is_exact_ceiling_of_the_mean(spark):
         (3, 20, day, 59.8), (3, 20, day, 60.2),
         (4, 99, day, 80.0),  # unknown patient: not in gold
     )  # fmt: skip
-    got = sorted(tuple(r) for r in heartrate_by_patient(patient_totals(rows), patients(spark)).collect())
+    got = sorted(tuple(r) for r in by_patient(spark, rows).collect())
     assert got == [(10, "Ann", 73, 3), (20, "Bob", 25, 5)]
 
 
@@ -39,8 +44,20 @@ def test_mean_that_is_an_integer_is_not_rounded_up(spark):
     day = datetime(2024, 1, 1)
     # In binary floating point 0.1 + 0.2 + 0.3 + 59.4 is not 60; the exact mean is 15.
     rows = silver(spark, (1, 10, day, 0.1), (1, 10, day, 0.2), (1, 10, day, 0.3), (1, 10, day, 59.4))
-    (row,) = heartrate_by_patient(patient_totals(rows), patients(spark)).collect()
+    (row,) = by_patient(spark, rows).collect()
     assert row.avg_heartrate == 15
+
+
+def test_mean_over_days_keeps_every_digit(spark):
+    day1, day2 = datetime(2024, 1, 1), datetime(2024, 1, 2)
+    # Mean 60.0000004: rounded to the sums' 6 digits it would be 60.000000, and its ceiling 60.
+    rows = silver(
+        spark,
+        (1, 10, day1, 60.000001), (1, 10, day1, 60.000001),
+        (1, 10, day2, 60.0), (1, 10, day2, 60.0), (1, 10, day2, 60.0),
+    )  # fmt: skip
+    (row,) = by_patient(spark, rows).collect()
+    assert (row.avg_heartrate, row["count"]) == (61, 5)
 
 
 def test_daily_patient_avg_per_utc_date(spark):

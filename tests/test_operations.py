@@ -7,7 +7,7 @@ import uuid
 import pytest
 from dagster import AssetSelection
 
-from heartbeat_assets.gold import DEVICE_SIGNAL_LOSS
+from heartbeat_assets.gold import DEVICE_SIGNAL_LOSS, HEARTRATE_BY_PATIENT
 from heartbeat_assets.simulator import Faults, Simulator
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle, snapshot_tables
@@ -95,28 +95,39 @@ def test_checkpoint_of_another_query_fails_with_the_remedy(after_two_waves):
     checkpoints = lakehouse.root / "checkpoints" / "gold"
     # The checkpoint of another aggregate stands in for one written by an older version of the query
     # (with a query id of its own, as that would have).
-    shutil.rmtree(checkpoints / "heartrate_by_patient")
-    shutil.copytree(checkpoints / "daily_patient_avg", checkpoints / "heartrate_by_patient")
-    (checkpoints / "heartrate_by_patient" / "metadata").write_text(json.dumps({"id": str(uuid.uuid4())}))
-    (checkpoints / "heartrate_by_patient" / ".metadata.crc").unlink()  # Hadoop's checksum of the old id
+    shutil.rmtree(checkpoints / "device_signal_loss")
+    shutil.copytree(checkpoints / "daily_patient_avg", checkpoints / "device_signal_loss")
+    (checkpoints / "device_signal_loss" / "metadata").write_text(json.dumps({"id": str(uuid.uuid4())}))
+    (checkpoints / "device_signal_loss" / ".metadata.crc").unlink()  # Hadoop's checksum of the old id
     Simulator(lakehouse.root, seed=4, patients=4, devices=4).land_recordings(files=1, records=50, wave=2)
     result = lakehouse.run(raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.event_specific_data.error.message
-    assert "gold/heartrate_by_patient" in message and "full_refresh_gold" in message, message
+    assert "gold/device_signal_loss" in message and "full_refresh_gold" in message, message
     # The other gold tables, built in the same step, are up to date and checked.
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert {"gold/daily_patient_avg", "gold/device_signal_loss"} <= materialized
-    assert "gold/heartrate_by_patient" not in materialized
+    assert {"gold/heartrate_by_patient", "gold/daily_patient_avg"} <= materialized
+    assert "gold/device_signal_loss" not in materialized
     schema_checks = {
         e.asset_key.to_user_string(): e.passed
         for e in result.get_asset_check_evaluations()
         if e.check_name == "schema_as_declared" and e.asset_key.path[0] == "gold"
     }
-    assert schema_checks == {"gold/daily_patient_avg": True, "gold/device_signal_loss": True}
+    assert schema_checks == {"gold/heartrate_by_patient": True, "gold/daily_patient_avg": True}
 
     lakehouse.run(job_name="full_refresh_gold")
+    assert_gold_matches_oracle(lakehouse)
+
+
+def test_state_of_a_former_gold_query_is_removed(after_two_waves):
+    lakehouse = after_two_waves
+    # Before it was rolled up from the daily aggregate, heartrate_by_patient had a query of its own.
+    checkpoint = lakehouse.root / "checkpoints" / "gold" / "heartrate_by_patient"
+    shutil.copytree(checkpoint.parent / "daily_patient_avg", checkpoint, dirs_exist_ok=True)
+    Simulator(lakehouse.root, seed=4, patients=4, devices=4).land_recordings(files=1, records=50, wave=2)
+    lakehouse.run()
+    assert [p.name for p in checkpoint.iterdir()] == ["_input_mark"]
     assert_gold_matches_oracle(lakehouse)
 
 
@@ -136,25 +147,32 @@ def test_new_signal_loss_window_through_a_gold_refresh(after_two_waves):
     assert rows and all((r["window_end"] - r["window_start"]).total_seconds() == 30 for r in rows)
 
 
-def test_one_gold_table_materialized_alone(after_two_waves):
+GOLD_TABLES = ("gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/device_signal_loss")
+
+
+# heartrate_by_patient shares its aggregate with daily_patient_avg: alone, it runs the aggregate's
+# query, and daily_patient_avg is rebuilt from it on its next run.
+@pytest.mark.parametrize("alone", [DEVICE_SIGNAL_LOSS, HEARTRATE_BY_PATIENT], ids=lambda key: key.path[-1])
+def test_one_gold_table_materialized_alone(after_two_waves, alone):
     lakehouse = after_two_waves
     Simulator(lakehouse.root, seed=4, patients=4, devices=4).land_recordings(files=1, records=50, wave=2)
     before = lakehouse.contents()
     job = lakehouse.defs.resolve_job_def("medallion")
     # Gold's tables share one step; selected alone, one table is built and the others are untouched.
     graph = lakehouse.defs.resolve_asset_graph()
-    selection = AssetSelection.assets(DEVICE_SIGNAL_LOSS).upstream().required_multi_asset_neighbors()
+    selection = AssetSelection.assets(alone).upstream().required_multi_asset_neighbors()
     selection = selection.resolve(graph)
     result = job.execute_in_process(instance=lakehouse.instance, asset_selection=list(selection))
+    table, others = alone.to_user_string(), set(GOLD_TABLES) - {alone.to_user_string()}
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert "gold/device_signal_loss" in materialized
-    assert not materialized & {"gold/heartrate_by_patient", "gold/daily_patient_avg"}
+    assert table in materialized
+    assert not materialized & others
     checked = {e.asset_key.to_user_string() for e in result.get_asset_check_evaluations()}
-    assert not checked & {"gold/heartrate_by_patient", "gold/daily_patient_avg"}
+    assert not checked & others
     after = lakehouse.contents()
-    for table in ("gold/heartrate_by_patient", "gold/daily_patient_avg"):
-        assert after[table] == before[table]
-    assert after["gold/device_signal_loss"] != before["gold/device_signal_loss"]
+    for other in others:
+        assert after[other] == before[other]
+    assert after[table] != before[table]
 
     lakehouse.run()  # the whole job then brings the other two up to date
     assert_gold_matches_oracle(lakehouse)
