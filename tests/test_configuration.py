@@ -58,6 +58,7 @@ def test_spark_config_defaults_and_overrides():
     assert config["spark.sql.session.timeZone"] == "UTC"
     assert config["spark.ui.enabled"] == "true"  # spark_config wins
     assert config["spark.executor.memory"] == "2g"
+    assert config["spark.sql.adaptive.enabled"] == "false"  # a local master's small batch jobs
 
 
 def test_the_driver_jvm_has_room_for_the_code_spark_generates(spark):
@@ -126,7 +127,9 @@ def test_cluster_masters_are_passed_to_spark(tmp_path):
     for master in ("spark://10.0.0.5:7077", "yarn", "k8s://https://k8s.example:6443"):
         env = {"HEARTBEAT_DATA_DIR": str(tmp_path), "HEARTBEAT_SPARK_MASTER": master}
         resources = resources_from_env(env)
-        assert resources["spark"].session_config()["spark.master"] == master
+        config = resources["spark"].session_config()
+        assert config["spark.master"] == master
+        assert "spark.sql.adaptive.enabled" not in config  # Spark's default (on) for a cluster
         assert resources["spark"].remote is None
 
 
