@@ -256,7 +256,8 @@ class GoldTable:
         self.key = AssetKey(name.split("/"))
         self.lakehouse = lakehouse
         self.table = lakehouse.table(name)
-        # The table's own: what it was built from, and the settings its aggregate was built with.
+        # The table's own, for the mark of the inputs it was last built from; its aggregate's may be
+        # another table's.
         self.checkpoint = lakehouse.checkpoint(name)
         self.aggregate, self.build = aggregate, build
         self.settings, self.uses_patients, self.reports_new_rows = settings, uses_patients, reports_new_rows
