@@ -163,7 +163,7 @@ class SparkSessionResource(LazyPySparkResource):
             "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
             "spark.ui.enabled": str(self.ui_enabled).lower(),
         }
-        if self.master.startswith("local"):
+        if self.master.startswith("local") and not self.remote:  # a Connect server's master is its own
             config.update(LOCAL_MASTER_DEFAULTS)
         if not warm_driver:
             config["spark.driver.extraJavaOptions"] += f" {ONE_RUN_JIT}"

@@ -142,6 +142,7 @@ def test_spark_connect_from_the_environment(tmp_path):
     assert config["spark.sql.session.timeZone"] == "UTC"
     assert "RocksDB" in config["spark.sql.streaming.stateStore.providerClass"]
     assert all(key.startswith("spark.sql.") for key in config)
+    assert "spark.sql.adaptive.enabled" not in config  # the server's master may be a cluster
     # An sc:// master means the same.
     assert resources_from_env({**env, "HEARTBEAT_SPARK_MASTER": "sc://h:1"})["spark"].remote == "sc://h:1"
     with pytest.raises(ValueError, match="Both HEARTBEAT_SPARK_MASTER and HEARTBEAT_SPARK_REMOTE"):
