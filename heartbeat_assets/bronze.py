@@ -357,29 +357,33 @@ def bronze_recordings(
         append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
     def write_batch(elements: DataFrame, batch_id: int) -> dict[str, float]:
-        # Parsed once (the first write caches it); each write counts its rows and notes the newest
-        # file as it goes, so a batch costs two Spark jobs. Only quarantined elements keep their raw
+        # Parsed once (the first write caches it). The recordings' write also counts the quarantined
+        # elements and notes the newest file as it reads them, so a batch costs one Spark job, and a
+        # second only when some elements are quarantined. Only quarantined elements keep their raw
         # text in the cache: the recordings table has no use for it, and it is most of the bytes.
         elements = elements.withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))).persist()
         try:
-            good, bad = Observation(), Observation()
-            newest = F.max("source_modified_at").alias("newest")
+            seen = Observation()
+            counted = elements.observe(
+                seen,
+                F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
+                F.max("source_modified_at").alias("newest"),
+            )
             written = append_batch(
-                elements.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS).observe(good, newest),
-                recordings_table,
-                batch_id,
+                counted.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS), recordings_table, batch_id
             )
             quarantined = append_batch(
-                elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS).observe(bad, newest),
+                elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS),
                 quarantine_table,
                 batch_id,
+                known_empty=seen.get["quarantined"] == 0,
             )
-            landed = [t for t in (good.get["newest"], bad.get["newest"]) if t is not None]
+            newest = seen.get["newest"]
             return {
                 "elements_read": written + quarantined,
                 "recordings_written": written,
                 "quarantined": quarantined,
-                **({"max:newest_file_modified_at": max(landed).timestamp()} if landed else {}),
+                **({"max:newest_file_modified_at": newest.timestamp()} if newest is not None else {}),
             }
         finally:
             elements.unpersist()

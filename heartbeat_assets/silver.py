@@ -2,7 +2,7 @@
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, MaterializeResult, asset, multi_asset
 from pydantic import Field
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks
@@ -247,11 +247,21 @@ def silver_recordings(
     def write_batch(batch: DataFrame, batch_id: int) -> dict[str, int]:
         batch = batch.persist()
         try:
+            # The recordings' write counts the rejected rows as it reads the batch: the quarantine's
+            # write, a Spark job, runs only when there are some.
+            seen = Observation()
+            counted = batch.observe(seen, F.count_if(F.col("reason").isNotNull()).alias("rejected"))
             valid = batch.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
             rejected = batch.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
+            written = append_batch(
+                counted.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS),
+                recordings_table, batch_id, partition_by=["date"],
+            )  # fmt: skip
             return {
-                "recordings_written": append_batch(valid, recordings_table, batch_id, partition_by=["date"]),
-                "quarantined": append_batch(rejected, quarantine_table, batch_id),
+                "recordings_written": written,
+                "quarantined": append_batch(
+                    rejected, quarantine_table, batch_id, known_empty=seen.get["rejected"] == 0
+                ),
                 **batch_quality(valid, min_time, max_clock_skew_s),
             }
         finally:

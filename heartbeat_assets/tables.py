@@ -62,23 +62,33 @@ def _stage(
     return staging, written.get["rows"]
 
 
-def append_batch(df: DataFrame, table: Path, batch_id: int, partition_by: list[str] | None = None) -> int:
+def append_batch(
+    df: DataFrame,
+    table: Path,
+    batch_id: int,
+    partition_by: list[str] | None = None,
+    known_empty: bool = False,
+) -> int:
     """Append `df` to `table` as the output of micro-batch `batch_id`; return the rows written.
 
-    Safe to call again for the same batch id: the earlier attempt's files are replaced.
+    Safe to call again for the same batch id: the earlier attempt's files are replaced. With
+    `known_empty` (`df` was counted empty as another write read the same rows) no Spark job runs.
     """
-    return append_rows(df, table, f"b{batch_id:012d}", partition_by)
+    return append_rows(df, table, f"b{batch_id:012d}", partition_by, known_empty)
 
 
-def append_rows(df: DataFrame, table: Path, key: str, partition_by: list[str] | None = None) -> int:
+def append_rows(
+    df: DataFrame, table: Path, key: str, partition_by: list[str] | None = None, known_empty: bool = False
+) -> int:
     """Append `df` to `table` under `key`, replacing whatever an earlier call with that key wrote."""
     name = _name(table)
+    prefix = f"part-{key}-"
+    if known_empty:
+        _remove_files(table, prefix)
+        return 0
     staging, rows = _stage(df, table, f"rows-{key}", partition_by, single_file=False)
     kill_point(f"append:{name}:staged")
-    prefix = f"part-{key}-"
-    for old in data_files(table):
-        if old.name.startswith(prefix):
-            old.unlink()
+    _remove_files(table, prefix)
     if rows:
         # Numbered across partition folders: names stay unique within the table.
         for n, source in enumerate(data_files(staging)):
@@ -89,6 +99,12 @@ def append_rows(df: DataFrame, table: Path, key: str, partition_by: list[str] | 
         _remove_empty_placeholder(table)
     shutil.rmtree(staging, ignore_errors=True)
     return rows
+
+
+def _remove_files(table: Path, prefix: str) -> None:
+    for old in data_files(table):
+        if old.name.startswith(prefix):
+            old.unlink()
 
 
 EMPTY_FILE = "part-empty.parquet"
