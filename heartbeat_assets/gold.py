@@ -39,7 +39,7 @@ from dagster import (
     multi_asset,
 )
 from pydantic import Field
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks, silver
@@ -182,6 +182,7 @@ class GoldAggregate:
 
     Tables built from the same aggregate share one run of its query per step: `run` is called from
     each table's thread, and the first call runs the query while the others wait for its outcome.
+    The rows it counts per patient (`counted_rows`, for the counts checks) are summed once too.
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class GoldAggregate:
         self.snapshots = self.checkpoint / "_aggregate"
         self._lock = threading.Lock()
         self._outcome: tuple[QueryReport | None, BaseException | None] | None = None
+        self._counted: tuple[int, int] | None = None
 
     def run(self, spark: SparkSession) -> QueryReport:
         """Bring the aggregate up to date, once per step: later calls get the first call's outcome."""
@@ -221,6 +223,29 @@ class GoldAggregate:
             write_batch=functools.partial(write_snapshot, self.snapshots),
             output_mode="complete",
         )
+
+    def counted_rows(self, aggregated: DataFrame) -> tuple[int, int]:
+        """(rows counted for known patients, all rows counted) in `aggregated`, this step's snapshot of
+        the aggregate; one Spark job per step, whichever table asks first."""
+        with self._lock:
+            if self._counted is None:
+                # Each known mrn once: a patient listed twice would count its recordings twice.
+                patients = (
+                    silver.read_patients(aggregated.sparkSession, self.lakehouse)
+                    .select("mrn")
+                    .distinct()
+                    .withColumn("known", F.lit(True))
+                )
+                row = (
+                    aggregated.join(patients, "mrn", "left")
+                    .agg(
+                        F.sum(F.when(F.col("known"), F.col("count"))).alias("of_known"),
+                        F.sum("count").alias("in_aggregate"),
+                    )
+                    .first()
+                )
+                self._counted = (row["of_known"] or 0, row["in_aggregate"] or 0)
+            return self._counted
 
     def latest_snapshot(self) -> Path | None:
         done = [p for p in sorted(self.snapshots.glob("batch-*")) if (p / "_SUCCESS").exists()]
@@ -300,24 +325,33 @@ class GoldTable:
             **column_schema(table),
             "table_rebuilt": self.rebuilt,
         }
+        self.counted_in_gold = None  # the counts check's gold side, summed as the table is written
         if self.rebuilt:
             if self.reports_new_rows:  # the check compares the new version with this one
                 self._keep_current_version()
+            counted = Observation()
+            if self.uses_patients:
+                table = table.observe(counted, F.sum("count").alias("in_gold"))
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
+            if self.uses_patients:
+                self.counted_in_gold = counted.get["in_gold"] or 0
             if landed:  # seconds from the newest recording file landing (as bronze saw it)
                 metadata["landing_to_gold_latency_s"] = round(time.time() - landed, 3)
         else:
             metadata["dagster/row_count"] = previous["rows"]
-        self.written = spark.read.parquet(str(self.table))
         if self.lakehouse.table_previews:
-            metadata["preview"] = MetadataValue.md(markdown_preview(self.written))
+            # Read with the schema it was written with: inferring it from the file is a Spark job, left
+            # to the schema check (after gold is reported).
+            written = spark.read.schema(table.schema).parquet(str(self.table))
+            metadata["preview"] = MetadataValue.md(markdown_preview(written))
         return MaterializeResult(asset_key=self.key, metadata=metadata)
 
     def check(self, silver_rows: int) -> list[AssetCheckResult]:
         """The checks of the table `update` wrote; `silver_rows` is silver/recordings' row count."""
+        self.written = self.aggregated.sparkSession.read.parquet(str(self.table))  # its schema as stored
         results = [checks.schema_check(self.name, self.written)]
         if self.uses_patients:
-            results.append(self._counts_check(self.written, self.aggregated, silver_rows))
+            results.append(self._counts_check(silver_rows))
         if self.reports_new_rows:
             results.append(self._new_alerts_check(self._rows_not_in_previous_version()))
         self.watch.record()
@@ -358,27 +392,12 @@ class GoldTable:
         shutil.rmtree(self._previous_version, ignore_errors=True)
         return rows
 
-    def _counts_check(self, written: DataFrame, aggregated: DataFrame, silver_rows: int) -> AssetCheckResult:
+    def _counts_check(self, silver_rows: int) -> AssetCheckResult:
         """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
-        # Each known mrn once: a patient listed twice would count its recordings twice in gold.
-        patients = (
-            silver.read_patients(written.sparkSession, self.lakehouse)
-            .select("mrn")
-            .distinct()
-            .withColumn("known", F.lit(True))
-        )
-        # One Spark action for the three sums: gold's, and the aggregate's of known patients and of all.
-        in_gold, of_known, in_aggregate = (
-            written.agg(F.sum("count").alias("in_gold"))
-            .crossJoin(
-                aggregated.join(patients, "mrn", "left").agg(
-                    F.sum(F.when(F.col("known"), F.col("count"))).alias("of_known"),
-                    F.sum("count").alias("in_aggregate"),
-                )
-            )
-            .first()
-        )
-        in_gold, of_known, in_aggregate = in_gold or 0, of_known or 0, in_aggregate or 0
+        in_gold = self.counted_in_gold
+        if in_gold is None:  # the table was not rebuilt in this run
+            in_gold = self.written.agg(F.sum("count")).first()[0] or 0
+        of_known, in_aggregate = self.aggregate.counted_rows(self.aggregated)
         return AssetCheckResult(
             asset_key=self.key,
             check_name="counts_match_silver",

@@ -85,10 +85,28 @@ def test_counts_check_fails_when_gold_counts_a_patient_twice(lakehouse, monkeypa
     )
     sim.land_recordings(files=1, records=60, wave=1)
 
-    check = evaluations(lakehouse.run())[("gold/heartrate_by_patient", "counts_match_silver")]
+    results = evaluations(lakehouse.run())
+    check = results[("gold/heartrate_by_patient", "counts_match_silver")]
     assert not check.passed
+    # The daily table, built from the same aggregate with its own join, still adds up.
+    assert results[("gold/daily_patient_avg", "counts_match_silver")].passed
     assert check.metadata["gold_count"].value == 2 * check.metadata["silver_rows_of_known_patients"].value
     assert check.metadata["aggregated_rows"].value == check.metadata["silver_rows"].value == 180
+
+
+def test_counts_check_of_a_gold_table_its_run_did_not_rebuild(lakehouse):
+    """A table whose inputs are as its last build saw them is not written again; its counts check then
+    sums the table as stored (a rebuilt one is summed as it is written)."""
+    sim = Simulator(lakehouse.root, seed=15, patients=2, devices=2)
+    sim.land_patients()
+    sim.land_recordings(files=1, records=40)
+    lakehouse.run()
+    (lakehouse.resource.checkpoint("gold/heartrate_by_patient") / "_input_mark").unlink()  # forces the step
+
+    result = lakehouse.run()
+    assert lakehouse.materialization_metadata(result, "gold/heartrate_by_patient")["table_rebuilt"] is False
+    check = evaluations(result)[("gold/heartrate_by_patient", "counts_match_silver")]
+    assert check.passed and check.metadata["gold_count"].value == 40
 
 
 def test_quarantine_rate_above_the_error_threshold(lakehouse):
