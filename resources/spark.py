@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlparse
@@ -15,7 +14,6 @@ from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 from pyspark import SparkContext
-from pyspark.sql.types import NumpyArrayConverter, NumpyScalarConverter
 
 from resources.jvm import (
     WARM_IDLE_S,
@@ -90,36 +88,6 @@ ONE_RUN_JIT = "-XX:TieredStopAtLevel=1"
 #: on one machine. With it off, landing to gold went from 13.2 to 12.5 s (p50 of 10 landings,
 #: alternating with a `dagster dev` that kept it on). Streaming micro-batches never use it.
 LOCAL_MASTER_DEFAULTS: dict[str, str] = {"spark.sql.adaptive.enabled": "false"}
-
-
-class NumpyConverterGate:
-    """One of pyspark's numpy converters for py4j, asked only once numpy is loaded.
-
-    py4j asks its converters about every argument of every call into the JVM, and pyspark's two numpy
-    converters answer by importing `pyspark.testing.utils`, which imports pandas and pyarrow where
-    they are installed (the `connect` extra): 0.7-0.8 s of a run's first call into the JVM here. An
-    argument cannot be a numpy value while numpy is not loaded, so until then the answer is no.
-    """
-
-    def __init__(self, converter: NumpyArrayConverter | NumpyScalarConverter):
-        self.converter = converter
-
-    def can_convert(self, obj: Any) -> bool:
-        return "numpy" in sys.modules and self.converter.can_convert(obj)
-
-    def convert(self, obj: Any, gateway_client: Any) -> Any:
-        return self.converter.convert(obj, gateway_client)
-
-
-def gate_numpy_converters() -> None:
-    """Put pyspark's numpy converters (registered when `pyspark.sql.types` is imported) behind a gate."""
-    py4j.protocol.INPUT_CONVERTER[:] = [
-        NumpyConverterGate(c) if isinstance(c, (NumpyArrayConverter, NumpyScalarConverter)) else c
-        for c in py4j.protocol.INPUT_CONVERTER
-    ]
-
-
-gate_numpy_converters()
 
 #: The Spark Connect server's default port.
 CONNECT_DEFAULT_PORT = 15002

@@ -3,9 +3,6 @@
 import os
 import socket
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from dagster import Failure
@@ -13,8 +10,6 @@ from dagster import Failure
 from resources import LakehouseResource, SparkSessionResource, resources_from_env
 from resources.lakehouse import LakehouseBusyError
 from resources.spark import build_connect_session, build_spark_session
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 def test_unwritable_data_root_says_what_to_do(tmp_path):
@@ -162,30 +157,3 @@ def test_unreachable_spark_connect_server_says_what_to_do():
         port = s.getsockname()[1]  # nothing listens once closed
     with pytest.raises(Failure, match=f"Cannot reach the Spark Connect server at 127.0.0.1:{port}"):
         build_connect_session(f"sc://127.0.0.1:{port}", {})
-
-
-def test_calls_into_the_jvm_do_not_import_pandas_until_numpy_is_loaded():
-    """pyspark's numpy converters import pyspark.testing.utils (pandas, pyarrow) when asked about any
-    argument; behind the gate they are asked only once numpy is loaded, and then still convert."""
-    code = """
-import sys, datetime
-import py4j.protocol
-import resources.spark
-for value in ["text", 1, 2.5, [1, 2], {"a": 1}, datetime.date(2024, 1, 1), b"x"]:
-    [c.can_convert(value) for c in py4j.protocol.INPUT_CONVERTER]
-assert "pyspark.testing.utils" not in sys.modules, "a converter imported pyspark.testing.utils"
-assert "numpy" not in sys.modules
-import numpy as np
-for value in (np.array([1]), np.int64(1)):
-    chosen = next(c for c in py4j.protocol.INPUT_CONVERTER if c.can_convert(value))
-    print(type(chosen.converter).__name__, end=",")
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "NumpyArrayConverter,NumpyScalarConverter,"
-
-
-def test_numpy_values_still_reach_the_jvm(spark):
-    np = pytest.importorskip("numpy")
-    arrays = spark.sparkContext._jvm.java.util.Arrays
-    assert arrays.toString(np.array([3, 1, 2], dtype=np.int64)) == "[3, 1, 2]"
