@@ -337,18 +337,17 @@ class GoldTable:
                 self.counted_in_gold = counted.get["in_gold"] or 0
             if landed:  # seconds from the newest recording file landing (as bronze saw it)
                 metadata["landing_to_gold_latency_s"] = round(time.time() - landed, 3)
+            # Just written from `table`: read with its schema, which spares a Spark job to infer it.
+            self.written = spark.read.schema(table.schema).parquet(str(self.table))
         else:
             metadata["dagster/row_count"] = previous["rows"]
+            self.written = spark.read.parquet(str(self.table))  # written by an earlier run, maybe older code
         if self.lakehouse.table_previews:
-            # Read with the schema it was written with: inferring it from the file is a Spark job, left
-            # to the schema check (after gold is reported).
-            written = spark.read.schema(table.schema).parquet(str(self.table))
-            metadata["preview"] = MetadataValue.md(markdown_preview(written))
+            metadata["preview"] = MetadataValue.md(markdown_preview(self.written))
         return MaterializeResult(asset_key=self.key, metadata=metadata)
 
     def check(self, silver_rows: int) -> list[AssetCheckResult]:
         """The checks of the table `update` wrote; `silver_rows` is silver/recordings' row count."""
-        self.written = self.aggregated.sparkSession.read.parquet(str(self.table))  # its schema as stored
         results = [checks.schema_check(self.name, self.written)]
         if self.uses_patients:
             results.append(self._counts_check(silver_rows))

@@ -1,6 +1,7 @@
 """Asset checks: what a normal run reports, and a failing blocking check stopping gold."""
 
 from dagster import AssetCheckSeverity
+from pyspark.sql import functions as F
 
 from heartbeat_assets import gold
 from heartbeat_assets.simulator import Faults, Simulator, land_file
@@ -92,6 +93,18 @@ def test_counts_check_fails_when_gold_counts_a_patient_twice(lakehouse, monkeypa
     assert results[("gold/daily_patient_avg", "counts_match_silver")].passed
     assert check.metadata["gold_count"].value == 2 * check.metadata["silver_rows_of_known_patients"].value
     assert check.metadata["aggregated_rows"].value == check.metadata["silver_rows"].value == 180
+
+
+def test_schema_check_of_a_gold_table_catches_a_changed_build(lakehouse, monkeypatch):
+    sim = Simulator(lakehouse.root, seed=16, patients=2, devices=2)
+    sim.land_patients()
+    sim.land_recordings(files=1, records=40)
+    build = gold.daily_patient_avg
+    # A defect in gold's build: `count` becomes an int.
+    monkeypatch.setattr(gold, "daily_patient_avg", lambda *t: build(*t).withColumn("count", F.lit(1)))
+    check = evaluations(lakehouse.run(raise_on_error=False))[("gold/daily_patient_avg", "schema_as_declared")]
+    assert not check.passed
+    assert check.metadata["unexpected"].value == "count int"
 
 
 def test_counts_check_of_a_gold_table_its_run_did_not_rebuild(lakehouse):
