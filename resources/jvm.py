@@ -143,8 +143,15 @@ TAKE_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 120.0
 #: The warm JVM's log (`jvm.log`) is rotated past this size: a JVM may serve runs for weeks.
 LOG_MAX_BYTES = 16 * 2**20
-#: Settings that act when the JVM starts; every other setting is the SparkContext's, set per run.
-LAUNCH_SETTINGS = ("spark.driver.", "spark.jars", "spark.files", "spark.submit.")
+#: Settings that act when the JVM starts (or, the code cache's size, when it first generates code);
+#: every other setting is the SparkContext's, set per run.
+LAUNCH_SETTINGS = (
+    "spark.driver.",
+    "spark.jars",
+    "spark.files",
+    "spark.submit.",
+    "spark.sql.codegen.cache.maxEntries",
+)
 #: Environment that the JVM or spark-submit reads when it starts.
 LAUNCH_ENVIRONMENT = ("SPARK_", "PYSPARK_", "HADOOP_", "JAVA_", "_JAVA_", "JDK_")
 GATEWAY_ENVIRONMENT = ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")

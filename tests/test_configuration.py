@@ -157,3 +157,15 @@ def test_unreachable_spark_connect_server_says_what_to_do():
         port = s.getsockname()[1]  # nothing listens once closed
     with pytest.raises(Failure, match=f"Cannot reach the Spark Connect server at 127.0.0.1:{port}"):
         build_connect_session(f"sc://127.0.0.1:{port}", {})
+
+
+def test_the_driver_keeps_the_code_of_more_plans_than_a_run_uses(spark):
+    """Spark's cache of generated code holds 100 classes by default, fewer than a run of the pipeline
+    uses: a warm driver JVM compiled them all again in every run. The session's JVM holds more."""
+    codegen = spark.sparkContext._jvm.org.apache.spark.metrics.source.CodegenMetrics
+    plans = [spark.range(3).selectExpr(f"id * {n} + {n} AS x") for n in range(2, 152)]
+    for plan in plans:
+        plan.collect()
+    compiled = codegen.METRIC_COMPILATION_TIME().getCount()
+    plans[0].collect()  # its code was generated 150 plans ago
+    assert codegen.METRIC_COMPILATION_TIME().getCount() == compiled
