@@ -69,10 +69,12 @@ LOCAL_DEFAULTS: dict[str, str] = {
     # ~5 s with both (measured here).
     "spark.sql.sources.ignoreDataLocality": "true",
     "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
-    # Spark compiles the code it generates for each plan once per JVM and keeps the classes in a cache
-    # of 100 by default. A run of this pipeline uses about 150, so a warm driver compiled them all
-    # again in every run (154 compilations, ~2 s of CPU); with room for 1000 it compiles 3 (a small
-    # run in a warm JVM: 6.3 s instead of 8.0 s). The JVM reads it once, so it is a launch setting.
+    # Spark compiles the code it generates for each plan and keeps the classes in a cache of 100 by
+    # default; a run of this pipeline uses about 150, so the cache evicted what the next run needed.
+    # Measured here: in one session a second small run compiled 154 classes with the default, 3 with
+    # room for 1000 (8.0 s a run instead of 6.3 s). A warm driver starts a SparkContext per run, and
+    # each still compiles about 105 (the executor side's classes are its own); the JVM's CPU for 10
+    # new files: 10.3-10.9 s against 10.7-11.1 s. The JVM reads it once: a launch setting.
     "spark.sql.codegen.cache.maxEntries": "1000",
     # A bounded heap; without it the JVM grows towards a quarter of the machine's memory. With the
     # free ratios above, the 2M-recording load peaked at 1326 MiB for the whole process tree (1502
