@@ -24,7 +24,7 @@ test: $(BIN)/dagster
 ui: $(BIN)/dagster
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-## The benchmark against the notebook-style baseline (about 25 minutes; results in benchmarks/results/).
+## The benchmark against the notebook-style baseline (25-35 minutes; results in benchmarks/results/).
 bench: $(BIN)/dagster
 	$(BIN)/python -m benchmarks.run
 
