@@ -329,8 +329,8 @@ class GoldTable:
         if self.rebuilt:
             if self.reports_new_rows:  # the check compares the new version with this one
                 self._keep_current_version()
-            counted = Observation()
             if self.uses_patients:
+                counted = Observation()
                 table = table.observe(counted, F.sum("count").alias("in_gold"))
             metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
             if self.uses_patients:

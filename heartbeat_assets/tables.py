@@ -83,7 +83,8 @@ def append_rows(
     """Append `df` to `table` under `key`, replacing whatever an earlier call with that key wrote."""
     name = _name(table)
     prefix = f"part-{key}-"
-    if known_empty:
+    if known_empty:  # what an earlier attempt staged or moved is removed all the same
+        shutil.rmtree(table / "_staging" / f"rows-{key}", ignore_errors=True)
         _remove_files(table, prefix)
         return 0
     staging, rows = _stage(df, table, f"rows-{key}", partition_by, single_file=False)

@@ -23,6 +23,18 @@ def test_append_batch_again_replaces_the_earlier_attempt(spark, tmp_path):
     assert not (table / "_staging" / "batch-1").exists()
 
 
+def test_append_batch_known_empty_runs_no_job_and_clears_an_earlier_attempt(spark, tmp_path):
+    table = tmp_path / "t"
+    rows = spark.createDataFrame([(1, "a")], "id int, v string")
+    append_batch(rows, table, batch_id=0)
+    append_batch(rows, table, batch_id=1)  # an earlier attempt of batch 1 ...
+    (table / "_staging" / "rows-b000000000001").mkdir(parents=True)  # ... that crashed while staging
+    never_run = spark.range(1).selectExpr("raise_error('a Spark job ran') AS id")  # fails if computed
+    assert append_batch(never_run, table, batch_id=1, known_empty=True) == 0
+    assert rows_of(spark, table) == [(1, "a")]
+    assert not (table / "_staging" / "rows-b000000000001").exists()
+
+
 def test_append_batch_partitioned_and_empty(spark, tmp_path):
     table = tmp_path / "t"
     schema = "id int, day string"
