@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, asset, multi_asset
-from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import checks
@@ -23,7 +23,7 @@ from heartbeat_assets.streaming import (
     start_fresh,
     unchanged_results,
 )
-from heartbeat_assets.tables import append_batch, append_rows
+from heartbeat_assets.tables import append_batch, append_rows, append_split
 from resources import LakehouseResource, SparkSessionResource
 
 RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
@@ -357,28 +357,19 @@ def bronze_recordings(
         append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
 
     def write_batch(elements: DataFrame, batch_id: int) -> dict[str, float]:
-        # Parsed once (the first write caches it). The recordings' write also counts the quarantined
-        # elements and notes the newest file as it reads them, so a batch costs one Spark job, and a
-        # second only when some elements are quarantined. Only quarantined elements keep their raw
-        # text in the cache: the recordings table has no use for it, and it is most of the bytes.
+        # Parsed once (the first write caches it). The recordings' write also notes the newest file
+        # as it reads the elements, so a batch costs one Spark job, and a second only when some
+        # elements are quarantined. Only quarantined elements keep their raw text in the cache: the
+        # recordings table has no use for it, and it is most of the bytes.
         elements = elements.withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))).persist()
         try:
-            seen = Observation()
-            counted = elements.observe(
-                seen,
-                F.count_if(F.col("reason").isNotNull()).alias("quarantined"),
-                F.max("source_modified_at").alias("newest"),
-            )
-            written = append_batch(
-                counted.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS), recordings_table, batch_id
-            )
-            quarantined = append_batch(
-                elements.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS),
-                quarantine_table,
-                batch_id,
-                known_empty=seen.get["quarantined"] == 0,
-            )
-            newest = seen.get["newest"]
+            written, quarantined, seen = append_split(
+                elements, batch_id, F.col("reason").isNotNull(),
+                kept_to=(recordings_table, RECORDING_COLUMNS),
+                rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
+                observe=(F.max("source_modified_at").alias("newest"),),
+            )  # fmt: skip
+            newest = seen["newest"]
             return {
                 "elements_read": written + quarantined,
                 "recordings_written": written,

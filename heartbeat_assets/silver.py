@@ -2,7 +2,7 @@
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, MaterializeResult, asset, multi_asset
 from pydantic import Field
-from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import bronze, checks
@@ -14,7 +14,7 @@ from heartbeat_assets.streaming import (
     start_fresh,
     unchanged_results,
 )
-from heartbeat_assets.tables import append_batch, data_files, ensure_exists, read_lineage, replace_table
+from heartbeat_assets.tables import append_split, data_files, ensure_exists, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
 BRONZE_RECORDINGS_SCHEMA = (
@@ -247,21 +247,17 @@ def silver_recordings(
     def write_batch(batch: DataFrame, batch_id: int) -> dict[str, int]:
         batch = batch.persist()
         try:
-            # The recordings' write counts the rejected rows as it reads the batch: the quarantine's
-            # write, a Spark job, runs only when there are some.
-            seen = Observation()
-            counted = batch.observe(seen, F.count_if(F.col("reason").isNotNull()).alias("rejected"))
-            valid = batch.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
-            rejected = batch.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
-            written = append_batch(
-                counted.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS),
-                recordings_table, batch_id, partition_by=["date"],
+            written, quarantined, _ = append_split(
+                batch, batch_id, F.col("reason").isNotNull(),
+                kept_to=(recordings_table, RECORDING_COLUMNS),
+                rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
+                partition_by=["date"],
             )  # fmt: skip
+            # The rows just written, read again from the cache for the value checks' counts.
+            valid = batch.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
             return {
                 "recordings_written": written,
-                "quarantined": append_batch(
-                    rejected, quarantine_table, batch_id, known_empty=seen.get["rejected"] == 0
-                ),
+                "quarantined": quarantined,
                 **batch_quality(valid, min_time, max_clock_skew_s),
             }
         finally:

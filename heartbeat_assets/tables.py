@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pyspark.sql import DataFrame, Observation
+from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 from pyspark.sql.types import DateType
 
@@ -75,6 +75,37 @@ def append_batch(
     `known_empty` (`df` was counted empty as another write read the same rows) no Spark job runs.
     """
     return append_rows(df, table, f"b{batch_id:012d}", partition_by, known_empty)
+
+
+def append_split(
+    batch: DataFrame,
+    batch_id: int,
+    rejected: Column,
+    kept_to: tuple[Path, list[str]],
+    rejected_to: tuple[Path, list[str]],
+    partition_by: list[str] | None = None,
+    observe: tuple[Column, ...] = (),
+) -> tuple[int, int, dict]:
+    """Append the rows of micro-batch `batch_id` to a table and its quarantine: those where
+    `rejected` holds to `rejected_to` (folder, columns), the others to `kept_to`. Returns the rows
+    written to each, and the values of the aggregates `observe`, computed over `batch` as it is read.
+
+    The first write also counts the rejected rows, so the quarantine's write (a second Spark job,
+    which reads `batch` again: cache it) runs only when there are some.
+    """
+    seen = Observation()
+    counted = batch.observe(seen, F.count_if(rejected).alias("_rejected"), *observe)
+    table, columns = kept_to
+    kept = append_batch(counted.where(~rejected).select(*columns), table, batch_id, partition_by)
+    metrics = seen.get
+    quarantine, quarantine_columns = rejected_to
+    quarantined = append_batch(
+        batch.where(rejected).select(*quarantine_columns),
+        quarantine,
+        batch_id,
+        known_empty=metrics["_rejected"] == 0,
+    )
+    return kept, quarantined, metrics
 
 
 def append_rows(

@@ -185,13 +185,13 @@ def test_rerun_after_a_failed_run_neither_duplicates_nor_loses(lakehouse, monkey
     sim.land_recordings(files=4, records=100, faults=Faults(duplicates=0.05, invalid_heartrate=0.05), wave=1)
     real_append = tables.append_batch
 
-    def crash_after_silver_recordings(df, table, batch_id, partition_by=None):
-        rows = real_append(df, table, batch_id, partition_by)
+    def crash_after_silver_recordings(df, table, batch_id, partition_by=None, known_empty=False):
+        rows = real_append(df, table, batch_id, partition_by, known_empty)
         if table.name == "recordings" and table.parent.name == "silver":
             raise RuntimeError("injected crash between the two writes of a silver micro-batch")
         return rows
 
-    monkeypatch.setattr("heartbeat_assets.silver.append_batch", crash_after_silver_recordings)
+    monkeypatch.setattr("heartbeat_assets.tables.append_batch", crash_after_silver_recordings)
     result = lakehouse.run(raise_on_error=False)
     assert not result.success
     monkeypatch.undo()
