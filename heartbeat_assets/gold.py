@@ -197,6 +197,7 @@ class GoldAggregate:
         self.snapshots = self.checkpoint / "_aggregate"
         self._lock = threading.Lock()
         self._outcome: tuple[QueryReport | None, BaseException | None] | None = None
+        self._snapshot: tuple[Path | None, DataFrame] | None = None
         self._counted: tuple[int, int] | None = None
 
     def run(self, spark: SparkSession) -> QueryReport:
@@ -224,11 +225,23 @@ class GoldAggregate:
             output_mode="complete",
         )
 
-    def counted_rows(self, aggregated: DataFrame) -> tuple[int, int]:
-        """(rows counted for known patients, all rows counted) in `aggregated`, this step's snapshot of
-        the aggregate; one Spark job per step, whichever table asks first."""
+    def snapshot(self, spark: SparkSession) -> tuple[Path | None, DataFrame]:
+        """The aggregate's latest snapshot (None before its first batch) and its rows: after `run`,
+        the same for every table of this step."""
+        with self._lock:
+            if self._snapshot is None:
+                path = self.latest_snapshot()
+                self._snapshot = (path, self.read(spark, path))
+            return self._snapshot
+
+    def counted_rows(self) -> tuple[int, int]:
+        """(rows counted for known patients, all rows counted) in this step's `snapshot`; one Spark
+        job per step, whichever table asks first."""
         with self._lock:
             if self._counted is None:
+                if self._snapshot is None:
+                    raise RuntimeError("counted_rows needs this step's snapshot: call `snapshot` first")
+                aggregated = self._snapshot[1]
                 # Each known mrn once: a patient listed twice would count its recordings twice.
                 patients = (
                     silver.read_patients(aggregated.sparkSession, self.lakehouse)
@@ -309,7 +322,7 @@ class GoldTable:
         `landed` is when bronze's newest file landed. `check` then gives the table's checks.
         """
         report = self.aggregate.run(spark)
-        snapshot = self.aggregate.latest_snapshot()
+        snapshot, self.aggregated = self.aggregate.snapshot(spark)
         inputs = {"aggregate_batch": snapshot.name if snapshot else None, "settings": self.settings}
         if self.aggregate.name != self.name:
             inputs["aggregate"] = self.aggregate.name
@@ -317,7 +330,6 @@ class GoldTable:
             inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
         previous = read_lineage(self.table)
         self.rebuilt = previous is None or previous.get("inputs") != inputs
-        self.aggregated = self.aggregate.read(spark, snapshot)
         table = self.build(self.aggregated)
         metadata = {
             **report.metadata(),
@@ -396,7 +408,7 @@ class GoldTable:
         in_gold = self.counted_in_gold
         if in_gold is None:  # the table was not rebuilt in this run
             in_gold = self.written.agg(F.sum("count")).first()[0] or 0
-        of_known, in_aggregate = self.aggregate.counted_rows(self.aggregated)
+        of_known, in_aggregate = self.aggregate.counted_rows()
         return AssetCheckResult(
             asset_key=self.key,
             check_name="counts_match_silver",
