@@ -492,6 +492,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the benchmark")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and logs")
     args = parser.parse_args(argv)
+    if args.connect:
+        try:
+            import pyspark.sql.connect.session  # noqa: F401  (grpcio, pandas, pyarrow, ...)
+        except ImportError as exc:
+            parser.error(
+                f"--connect needs Spark Connect's client libraries ({exc}): install them with "
+                f"`{BIN / 'pip'} install -e '.[connect]'`."
+            )
     if args.quick:
         args.records, args.files, args.history_files, args.sensor_files = 20_000, 20, 200, 2_000
         args.latency_landings = min(args.latency_landings, 3)
