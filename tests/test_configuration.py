@@ -169,3 +169,47 @@ def test_the_driver_keeps_the_code_of_more_plans_than_a_run_uses(spark):
     compiled = codegen.METRIC_COMPILATION_TIME().getCount()
     plans[0].collect()  # its code was generated 150 plans ago
     assert codegen.METRIC_COMPILATION_TIME().getCount() == compiled
+
+
+def test_stopping_a_session_leaves_its_accumulator_server_to_end_in_the_background():
+    """The session is stopped without its accumulator server (stop() would wait for it to notice its
+    shutdown), and that server still ends: its thread stops serving and its socket is closed."""
+    import threading
+
+    from pyspark.accumulators import AccumulatorTCPServer, UpdateRequestHandler
+
+    from resources.spark import stop_session
+
+    server = AccumulatorTCPServer(("127.0.0.1", 0), UpdateRequestHandler, "token")
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+
+    class Context:
+        _accumulatorServer = server
+
+    class Session:
+        _sc = Context()
+        server_at_stop = "not stopped"
+
+        def stop(self):
+            self.server_at_stop = self._sc._accumulatorServer
+
+    session = Session()
+    stop_session(session)
+    assert session.server_at_stop is None  # stop() had no server to wait for
+    for thread in threading.enumerate():
+        if thread.name == "accumulator-server-shutdown":
+            thread.join(timeout=10)
+    assert not serving.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(server.server_address, timeout=5)
+
+    class ConnectSession:  # no SparkContext, no accumulator server
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    connect = ConnectSession()
+    stop_session(connect)
+    assert connect.stopped
