@@ -286,6 +286,16 @@ def silver_recordings(
         "bronze_rows_read": report.input_rows,
         "unaccounted_rows": report.input_rows - accounted,
     }
+    # The tables first: Dagster ties each check to the asset's latest materialization, which must
+    # be this run's.
+    yield appended_table_result(
+        context, RECORDINGS, recordings_table, cleaned.select(*RECORDING_COLUMNS),
+        report.count("recordings_written"), common, partition_by=["date"], fresh=fresh,
+    )  # fmt: skip
+    yield appended_table_result(
+        context, RECORDINGS_QUARANTINE, quarantine_table, cleaned.select(*QUARANTINE_COLUMNS),
+        report.count("quarantined"), common, fresh=fresh,
+    )  # fmt: skip
     yield checks.schema_check("silver/recordings", cleaned.select(*RECORDING_COLUMNS))
     yield from checks.value_checks("silver/recordings", report.counts)
     yield checks.accounting_check(
@@ -303,12 +313,4 @@ def silver_recordings(
             f"silver/recordings read {report.input_rows} bronze rows but accounted for {accounted} "
             f"(written, quarantined and duplicates)."
         )
-    yield appended_table_result(
-        context, RECORDINGS, recordings_table, cleaned.select(*RECORDING_COLUMNS),
-        report.count("recordings_written"), common, partition_by=["date"], fresh=fresh,
-    )  # fmt: skip
-    yield appended_table_result(
-        context, RECORDINGS_QUARANTINE, quarantine_table, cleaned.select(*QUARANTINE_COLUMNS),
-        report.count("quarantined"), common, fresh=fresh,
-    )  # fmt: skip
     watch.record()

@@ -51,7 +51,13 @@ def test_checks_of_a_normal_run_then_an_idle_one(lakehouse):
     # A later wave: the check lists the windows the table did not have before this run, no others.
     before = {tuple(row.values()) for row in lakehouse.read("gold/device_signal_loss")}
     sim.land_recordings(files=3, records=120, faults=Faults(signal_gaps=1.0), wave=1)
-    later = evaluations(lakehouse.run())[("gold/device_signal_loss", "no_new_lost_signal")]
+    later_run = lakehouse.run()
+    # Each check is tied to its table's materialization by this run, not the one before (the UI
+    # shows a check of an older materialization as not current).
+    for evaluation in later_run.get_asset_check_evaluations():
+        target = evaluation.target_materialization_data
+        assert target is not None and target.run_id == later_run.run_id, evaluation.asset_check_key
+    later = evaluations(later_run)[("gold/device_signal_loss", "no_new_lost_signal")]
     after = {tuple(row.values()) for row in lakehouse.read("gold/device_signal_loss")}
     assert before < after and later.metadata["new_alerts"].value == len(after - before)
     assert not list(lakehouse.resource.table("gold/device_signal_loss").glob("_previous*")), "left behind"
