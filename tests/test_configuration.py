@@ -4,8 +4,11 @@ import os
 import socket
 import stat
 
+import pyspark.errors.utils
 import pytest
 from dagster import Failure
+from py4j.clientserver import ClientServerConnection
+from pyspark.sql import functions as F
 
 from resources import LakehouseResource, SparkSessionResource, resources_from_env
 from resources.lakehouse import LakehouseBusyError
@@ -169,6 +172,24 @@ def test_the_driver_keeps_the_code_of_more_plans_than_a_run_uses(spark):
     compiled = codegen.METRIC_COMPILATION_TIME().getCount()
     plans[0].collect()  # its code was generated 150 plans ago
     assert codegen.METRIC_COMPILATION_TIME().getCount() == compiled
+
+
+def test_building_a_column_does_not_tell_the_jvm_its_python_line(spark, monkeypatch):
+    """pyspark records the Python call site of each Column function in the JVM, with a dozen py4j
+    calls, unless the session turns it off: a run builds thousands of columns."""
+    assert spark.conf.get("spark.python.sql.dataFrameDebugging.enabled") == "false"
+    # pyspark reads the setting once per process: again, from this session.
+    monkeypatch.setattr(pyspark.errors.utils, "_enable_debugging_cache", None)
+    commands = []
+    send = ClientServerConnection.send_command
+    monkeypatch.setattr(
+        ClientServerConnection,
+        "send_command",
+        lambda self, command: commands.append(command) or send(self, command),
+    )
+    positive = F.col("heartrate") > 0
+    assert positive is not None and commands
+    assert not any("PySparkCurrentOrigin" in command for command in commands)
 
 
 def test_stopping_a_session_leaves_its_accumulator_server_to_end_in_the_background():
