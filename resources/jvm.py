@@ -312,8 +312,10 @@ def forget_java_objects(gateway) -> None:
     from py4j.java_gateway import JavaObject
 
     keys = JavaObject("GATEWAY_SERVER", gateway._gateway_client).getGateway().getBindings().keySet()
-    # Objects are "o<n>"; the gateway's own entries ("j", "t", "GATEWAY_SERVER") stay.
-    keys.retainAll([key for key in keys.toArray() if not key.startswith("o")])
+    # Objects are "o<n>"; the gateway's own entries ("j", "t", "GATEWAY_SERVER") stay. The keys come
+    # as one string: thousands of them, element by element, would be two round trips each.
+    listed = gateway.jvm.java.lang.String.join("\n", keys)
+    keys.retainAll([key for key in listed.split("\n") if not key.startswith("o")])
 
 
 def warm_driver_keepers(cache_dir: Path | None) -> list[int]:

@@ -24,6 +24,7 @@ SESSION = """
 import json, sys, time
 from pathlib import Path
 from dagster import build_resources
+from py4j.java_gateway import JavaObject
 from resources import LakehouseResource, SparkSessionResource
 
 data, hold, idle_s = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
@@ -35,6 +36,11 @@ resource = SparkSessionResource(
 )
 with build_resources({"spark": resource}) as resources:
     spark = resources.spark.spark_session
+    gateway = spark.sparkContext._gateway
+    bound = JavaObject("GATEWAY_SERVER", gateway._gateway_client).getGateway().getBindings().keySet()
+    def java_objects():  # those py4j holds for a Python process
+        return [key for key in spark._jvm.java.lang.String.join(" ", bound).split() if key.startswith("o")]
+    objects_at_start = java_objects()
     sums = []
     stream = spark.readStream.schema("n long").json(str(data / "in"))
     writer = stream.writeStream.foreachBatch(lambda df, _: sums.append(df.groupBy().sum("n").first()[0]))
@@ -50,7 +56,11 @@ with build_resources({"spark": resource}) as resources:
         spark._jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
     )
     jit = int(diagnostics.getVMOption("TieredStopAtLevel").getValue())
-    found = {"jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums, "jit": jit}
+    found = {
+        "jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums, "jit": jit,
+        "objects_at_start": objects_at_start, "objects_at_end": java_objects(),
+        "frees_each_object": gateway.gateway_property.enable_memory_management,
+    }
     print("RESULT", json.dumps(found))
     sys.stdout.flush()
     while hold and not Path(hold).exists():
@@ -138,6 +148,10 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
     assert first["sums"] == second["sums"] == [45]  # each process got its own foreachBatch calls
     assert first["jvm_pid"] == second["jvm_pid"] == keeper_gateway(cache)["jvm_pid"]
     assert first["app"] != second["app"], "each run has a SparkContext of its own"
+    # A run frees the JVM's objects it was handed all at once, when it lets the JVM go, not one by
+    # one (a round trip each): none of the first run's is left for the second.
+    assert not first["frees_each_object"]
+    assert first["objects_at_end"] and not set(first["objects_at_end"]) & set(second["objects_at_start"])
     assert int(after.split()[1]) != first["jvm_pid"]
     assert not list(cache.glob("warm-driver-*/attached")), "a run that ended left the JVM marked as taken"
     assert alive(first["jvm_pid"]), "the JVM waits for the next run"
