@@ -14,9 +14,9 @@ what it was built from.
 A warm driver (`WarmDriver`) goes further: a JVM that outlives the run, kept for the next one. PySpark
 attaches to a running gateway JVM when `PYSPARK_GATEWAY_PORT` and `_SECRET` are set (as in apps
 that spark-submit starts), so a small keeper process starts the JVM with pyspark's own
-`launch_gateway` and holds it; each run takes it, creates its SparkContext in it and stops it at the
-end. Runs then skip the JVM's start and its cold code: a run adding 10 files took 9.0 s instead of
-17.0 s here. This file is also the keeper's program (`python -P jvm.py keep <folder>`), so it imports
+`launch_gateway` and holds it; each run takes it and runs its session in the SparkContext there
+(`resources.spark.WarmSession`). Runs then skip the JVM's start and its cold code: a run adding 10
+files took 9.0 s instead of 17.0 s here. This file is also the keeper's program (`python -P jvm.py keep <folder>`), so it imports
 nothing of Dagster at load.
 """
 

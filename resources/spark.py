@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import threading
@@ -73,9 +75,7 @@ LOCAL_DEFAULTS: dict[str, str] = {
     # Spark compiles the code it generates for each plan and keeps the classes in a cache of 100 by
     # default; a run of this pipeline uses about 150, so the cache evicted what the next run needed.
     # Measured here: in one session a second small run compiled 154 classes with the default, 3 with
-    # room for 1000 (8.0 s a run instead of 6.3 s). A warm driver starts a SparkContext per run, and
-    # each still compiles about 105 (the executor side's classes are its own); the JVM's CPU for 10
-    # new files: 10.3-10.9 s against 10.7-11.1 s. The JVM reads it once: a launch setting.
+    # room for 1000 (8.0 s a run instead of 6.3 s). The JVM reads it once: a launch setting.
     "spark.sql.codegen.cache.maxEntries": "1000",
     # pyspark tells the JVM the Python line behind every Column function it calls (for the
     # "== DataFrame ==" context of a runtime error), ~15 py4j calls each: building bronze's plan took
@@ -101,6 +101,22 @@ ONE_RUN_JIT = "-XX:TieredStopAtLevel=1"
 #: on one machine. With it off, landing to gold went from 13.2 to 12.5 s (p50 of 10 landings,
 #: alternating with a `dagster dev` that kept it on). Streaming micro-batches never use it.
 LOCAL_MASTER_DEFAULTS: dict[str, str] = {"spark.sql.adaptive.enabled": "false"}
+
+#: Added for the warm driver JVM, whose SparkContext serves run after run (`WarmSession`).
+WARM_DRIVER_DEFAULTS: dict[str, str] = {
+    # Spark keeps the classes it compiles for a plan by the class loader of the tasks that run them,
+    # and with session isolation each session's tasks get a class loader of their own: every run
+    # compiled its ~105 classes again (1.4 s of the JVM's CPU in a run of one new file). Isolation
+    # keeps apart the jars and classes that sessions add (Spark Connect's artifacts); runs add none.
+    "spark.sql.artifact.isolation.enabled": "false",
+    # The context's status store (jobs, stages, tasks, SQL executions; for the UI) would keep up to
+    # 1,000 jobs and 100,000 tasks of the runs before, in the heap of a JVM that lives for weeks.
+    "spark.ui.retainedJobs": "200",
+    "spark.ui.retainedStages": "200",
+    "spark.ui.retainedTasks": "5000",
+    "spark.sql.ui.retainedExecutions": "200",
+    "spark.sql.streaming.ui.retainedQueries": "20",
+}
 
 #: The Spark Connect server's default port.
 CONNECT_DEFAULT_PORT = 15002
@@ -152,6 +168,7 @@ class SparkSessionResource(LazyPySparkResource):
     _exit_stack: ExitStack | None = PrivateAttr(default=None)
     _class_archive: ClassArchive | None = PrivateAttr(default=None)
     _warm_driver: WarmDriver | None = PrivateAttr(default=None)
+    _warm_session: WarmSession | None = PrivateAttr(default=None)
 
     @field_validator("master")
     @classmethod
@@ -178,7 +195,9 @@ class SparkSessionResource(LazyPySparkResource):
         }
         if self.master.startswith("local") and not self.remote:  # a Connect server's master is its own
             config.update(LOCAL_MASTER_DEFAULTS)
-        if not warm_driver:
+        if warm_driver:
+            config.update(WARM_DRIVER_DEFAULTS)
+        else:
             config["spark.driver.extraJavaOptions"] += f" {ONE_RUN_JIT}"
         config.update({key: str(value) for key, value in self.spark_config.items()})
         return config
@@ -240,33 +259,38 @@ class SparkSessionResource(LazyPySparkResource):
         try:
             os.environ.update(attach)  # read once, when pyspark connects
             try:
-                self._spark_session = build_spark_session(config)
+                self._warm_session = WarmSession(config)
             finally:
                 for key in attach:
                     os.environ.pop(key, None)
+            self._spark_session = self._warm_session.session
             self._spark_session.sparkContext.setLogLevel(self.log_level)
             # Every Java object this run is handed is dropped when it lets the JVM go
             # (`forget_java_objects`), so py4j need not tell the JVM of each one Python collects, a
             # round trip each: ~1,000 a run of one new file, 0.27 s.
             SparkContext._gateway.gateway_property.enable_memory_management = False
         except BaseException:
-            self._release_warm_driver()
+            self._warm_driver = self._warm_session = None
+            warm.discard()  # a JVM left in an unknown state serves no other run
+            warm.release()
+            SparkContext._gateway = SparkContext._jvm = SparkContext._active_spark_context = None
             raise
+        started = "a SparkContext of the runs before" if self._warm_session.reused else "a new SparkContext"
         get_dagster_logger().info(
-            f"Spark runs in the warm driver JVM (pid {warm.jvm_pid}); its log is {warm.log_path}."
+            f"Spark runs in the warm driver JVM (pid {warm.jvm_pid}), in {started}; its log is "
+            f"{warm.log_path}."
         )
         return True
 
     def _release_warm_driver(self) -> None:
-        """Leave the warm JVM clean for the next run: no query, no SparkContext, no state store open."""
+        """Leave the warm JVM clean for the next run: no query, no state store open, nothing of this
+        run's session left in the SparkContext."""
         warm, self._warm_driver = self._warm_driver, None
+        session, self._warm_session = self._warm_session, None
         try:
-            if self._spark_session is not None:
-                for query in self._spark_session.streams.active:
-                    query.stop()
-                stop_session(self._spark_session)
+            if session is not None:
+                session.close()
             if SparkContext._jvm is not None:
-                SparkContext._jvm.org.apache.spark.sql.execution.streaming.state.StateStore.stop()
                 forget_java_objects(SparkContext._gateway)
         except BaseException:
             warm.discard()  # a JVM left in an unknown state serves no other run
@@ -290,20 +314,97 @@ class SparkSessionResource(LazyPySparkResource):
                 self._exit_stack.close()
 
 
-def stop_session(session) -> None:
-    """`session.stop()`, without waiting for pyspark's accumulator server to end.
+class WarmSession:
+    """A run's SparkSession in the warm driver JVM, on a SparkContext that outlives the run.
+
+    The context is the one the runs before used, if it was made with the same settings (else it is
+    stopped and a new one made): the classes Spark compiled for their plans are then compiled once
+    (see `WARM_DRIVER_DEFAULTS`), and the context's start and stop are skipped. Each run has a session
+    of its own (`newSession`: its own SQL settings, views and streaming queries), sharing the state
+    of the context's first session. What the run added goes when it ends: its queries, the
+    listeners its session registered with the context, cached data, open state stores.
+    """
+
+    #: A setting of the warm JVM's SparkContext: which settings the context was made with.
+    SETTINGS_KEY = "spark.heartbeat.settingsDigest"
+
+    def __init__(self, config: dict[str, str]):
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
+
+        digest = hashlib.sha256(json.dumps(sorted(config.items())).encode()).hexdigest()[:16]
+        SparkContext._ensure_initialized()  # attaches to the gateway that PYSPARK_GATEWAY_PORT names
+        jvm = SparkContext._jvm
+        running = getattr(getattr(jvm, "org.apache.spark.SparkContext$"), "MODULE$").getActive()
+        java_context = None
+        if running.isDefined():
+            if running.get().conf().get(self.SETTINGS_KEY, "") == digest:
+                java_context = jvm.org.apache.spark.api.java.JavaSparkContext(running.get())
+            else:  # made for other settings (an edited configuration)
+                running.get().stop()
+        self.reused = java_context is not None
+        conf = SparkConf().setAll(list(config.items())).set(self.SETTINGS_KEY, digest)
+        context = SparkContext(conf=conf, jsc=java_context)
+        # The context's first session (pyspark takes it from the JVM's default session) stays as it
+        # is: its shared state (the SQL listener, the cache manager) serves every run's session.
+        self._first = SparkSession(context)
+        self.session = self._first.newSession()
+        SparkSession._activeSession = self.session
+        SparkSession._get_j_spark_session_class(jvm).setActiveSession(self.session._jsparkSession)
+        self._listeners_before = self._listener_ids()
+
+    def _listener_ids(self) -> set[int]:
+        identity = SparkContext._jvm.java.lang.System.identityHashCode
+        return {identity(listener) for listener in self._listener_bus().listeners()}
+
+    def _listener_bus(self):
+        return self.session.sparkContext._jsc.sc().listenerBus()
+
+    def close(self) -> None:
+        """End the run's part: the context stays in the JVM, for the next run."""
+        from pyspark.sql import SparkSession
+
+        jvm = SparkContext._jvm
+        for query in self.session.streams.active:
+            query.stop()
+        # Each session registers listeners with the context (its streaming queries' bus, ...), which
+        # never unregister them: they would pile up, and each would see every later run's events.
+        identity, bus = jvm.java.lang.System.identityHashCode, self._listener_bus()
+        for listener in list(bus.listeners()):
+            if identity(listener) not in self._listeners_before:
+                bus.removeListener(listener)
+        self.session._jsparkSession.sharedState().cacheManager().clearCache()
+        jvm.org.apache.spark.sql.execution.streaming.state.StateStore.stop()
+        sessions = SparkSession._get_j_spark_session_class(jvm)
+        sessions.clearActiveSession()
+        sessions.setDefaultSession(self._first._jsparkSession)
+        # Let go of the context on the Python side only (pyspark's stop() would stop it in the JVM).
+        context = self.session.sparkContext
+        server, context._accumulatorServer, context._jsc = context._accumulatorServer, None, None
+        context.stop()
+        SparkSession._instantiatedSession = SparkSession._activeSession = None
+        shut_down_in_background(server)
+
+
+def shut_down_in_background(server) -> None:
+    """End pyspark's accumulator server without waiting for it.
 
     That server (a socketserver in a thread of this process, for the updates of Python accumulators,
-    which nothing here uses) looks at its shutdown flag every 0.5 s, and `SparkContext.stop` waits
-    for it: 0.42 s of a run's 0.44 s teardown in a warm driver. It is shut down in the background.
+    which nothing here uses) looks at its shutdown flag every 0.5 s; `SparkContext.stop` would wait.
     """
+    if server is not None:
+        threading.Thread(target=server.shutdown, name="accumulator-server-shutdown", daemon=True).start()
+
+
+def stop_session(session) -> None:
+    """`session.stop()`, without waiting for pyspark's accumulator server to end (0.42 s of a run's
+    0.44 s teardown in a warm driver JVM): it is shut down in the background."""
     context = getattr(session, "_sc", None)  # a Spark Connect session has none
     server = getattr(context, "_accumulatorServer", None)
     if server is not None:
         context._accumulatorServer = None  # so that stop() leaves it alone
     session.stop()
-    if server is not None:
-        threading.Thread(target=server.shutdown, name="accumulator-server-shutdown", daemon=True).start()
+    shut_down_in_background(server)
 
 
 def build_spark_session(config: dict[str, str]):

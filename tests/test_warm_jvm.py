@@ -41,6 +41,9 @@ with build_resources({"spark": resource}) as resources:
     def java_objects():  # those py4j holds for a Python process
         return [key for key in spark._jvm.java.lang.String.join(" ", bound).split() if key.startswith("o")]
     objects_at_start = java_objects()
+    listeners_at_start = spark.sparkContext._jsc.sc().listenerBus().listeners().size()
+    compiled = spark._jvm.org.apache.spark.metrics.source.CodegenMetrics.METRIC_COMPILATION_TIME()
+    compiled_at_start = compiled.getCount()
     sums = []
     stream = spark.readStream.schema("n long").json(str(data / "in"))
     writer = stream.writeStream.foreachBatch(lambda df, _: sums.append(df.groupBy().sum("n").first()[0]))
@@ -60,6 +63,7 @@ with build_resources({"spark": resource}) as resources:
         "jvm_pid": runtime.getPid(), "app": spark.sparkContext.applicationId, "sums": sums, "jit": jit,
         "objects_at_start": objects_at_start, "objects_at_end": java_objects(),
         "frees_each_object": gateway.gateway_property.enable_memory_management,
+        "listeners_at_start": listeners_at_start, "compiled": compiled.getCount() - compiled_at_start,
     }
     print("RESULT", json.dumps(found))
     sys.stdout.flush()
@@ -136,9 +140,9 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
-    """Each run has a SparkContext of its own in the one JVM. Once a run let the JVM go, it is the next
-    run's: a later session of the same process (the demo prints the gold tables so) starts a JVM of
-    its own."""
+    """Runs take turns in the one JVM and its one SparkContext, each with a session of its own. Once a
+    run let the JVM go, it is the next run's: a later session of the same process (the demo prints
+    the gold tables so) starts a JVM of its own."""
     process = start_session(tmp_path, cache, "first", None, "60", "after")
     first = session_result(process)
     assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
@@ -147,7 +151,11 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
 
     assert first["sums"] == second["sums"] == [45]  # each process got its own foreachBatch calls
     assert first["jvm_pid"] == second["jvm_pid"] == keeper_gateway(cache)["jvm_pid"]
-    assert first["app"] != second["app"], "each run has a SparkContext of its own"
+    assert first["app"] == second["app"], "the second run has a SparkContext of its own"
+    # The classes compiled for the first run's plan serve the second's, and the first run took away
+    # the listeners its session had added to the context.
+    assert first["compiled"] > 0 and second["compiled"] == 0
+    assert first["listeners_at_start"] == second["listeners_at_start"]
     # A run frees the JVM's objects it was handed all at once, when it lets the JVM go, not one by
     # one (a round trip each): none of the first run's is left for the second.
     assert not first["frees_each_object"]
