@@ -21,7 +21,7 @@ from resources.jvm import WarmDriver, cap_log, default_cache_dir, stop_warm_driv
 PROJECT = Path(__file__).resolve().parent.parent
 
 SESSION = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from dagster import build_resources
 from py4j.java_gateway import JavaObject
@@ -32,7 +32,8 @@ data, hold, idle_s = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 (data / "in" / "part.json").write_text("".join(f'{{"n": {n}}}\\n' for n in range(10)))
 lakehouse = LakehouseResource(data_dir=str(data))
 resource = SparkSessionResource(
-    lakehouse=lakehouse, master="local[1]", shuffle_partitions=1, keep_jvm_warm_s=idle_s
+    lakehouse=lakehouse, master="local[1]", keep_jvm_warm_s=idle_s,
+    shuffle_partitions=int(os.environ.get("SESSION_SHUFFLE_PARTITIONS", "1")),
 )
 with build_resources({"spark": resource}) as resources:
     spark = resources.spark.spark_session
@@ -64,6 +65,7 @@ with build_resources({"spark": resource}) as resources:
         "objects_at_start": objects_at_start, "objects_at_end": java_objects(),
         "frees_each_object": gateway.gateway_property.enable_memory_management,
         "listeners_at_start": listeners_at_start, "compiled": compiled.getCount() - compiled_at_start,
+        "shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions"),
     }
     print("RESULT", json.dumps(found))
     sys.stdout.flush()
@@ -93,9 +95,19 @@ def cache(tmp_path):
 
 
 def start_session(
-    tmp_path: Path, cache: Path, name: str, hold: Path | None = None, idle_s: str = "60", *extra: str
+    tmp_path: Path,
+    cache: Path,
+    name: str,
+    hold: Path | None = None,
+    idle_s: str = "60",
+    *extra: str,
+    shuffle_partitions: int = 1,
 ):
-    env = {**os.environ, "HEARTBEAT_JVM_CACHE": str(cache)}
+    env = {
+        **os.environ,
+        "HEARTBEAT_JVM_CACHE": str(cache),
+        "SESSION_SHUFFLE_PARTITIONS": str(shuffle_partitions),
+    }
     return subprocess.Popen(
         [sys.executable, "-c", SESSION, str(tmp_path / name), str(hold or ""), idle_s, *extra],
         cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -140,9 +152,10 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
-    """Runs take turns in the one JVM and its one SparkContext, each with a session of its own. Once a
-    run let the JVM go, it is the next run's: a later session of the same process (the demo prints
-    the gold tables so) starts a JVM of its own."""
+    """Runs take turns in the one JVM and its one SparkContext, each with a session of its own; a run
+    with other Spark settings makes a new SparkContext there. Once a run let the JVM go, it is the
+    next run's: a later session of the same process (the demo prints the gold tables so) starts a JVM
+    of its own."""
     process = start_session(tmp_path, cache, "first", None, "60", "after")
     first = session_result(process)
     assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
@@ -156,6 +169,10 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
     # the listeners its session had added to the context.
     assert first["compiled"] > 0 and second["compiled"] == 0
     assert first["listeners_at_start"] == second["listeners_at_start"]
+    # A run with other Spark settings gets a SparkContext made with them, in the same JVM.
+    third = run_session(tmp_path, cache, "third", shuffle_partitions=2)
+    assert third["jvm_pid"] == first["jvm_pid"] and third["app"] != first["app"]
+    assert (first["shuffle_partitions"], third["shuffle_partitions"]) == ("1", "2") and third["sums"] == [45]
     # A run frees the JVM's objects it was handed all at once, when it lets the JVM go, not one by
     # one (a round trip each): none of the first run's is left for the second.
     assert not first["frees_each_object"]
