@@ -16,8 +16,8 @@ attaches to a running gateway JVM when `PYSPARK_GATEWAY_PORT` and `_SECRET` are 
 that spark-submit starts), so a small keeper process starts the JVM with pyspark's own
 `launch_gateway` and holds it; each run takes it and runs its session in the SparkContext there
 (`resources.spark.WarmSession`). Runs then skip the JVM's start and its cold code: a run adding 10
-files took 9.0 s instead of 17.0 s here. This file is also the keeper's program (`python -P jvm.py keep <folder>`), so it imports
-nothing of Dagster at load.
+files took 9.0 s instead of 17.0 s here. This file is also the keeper's program
+(`python -P jvm.py keep <folder>`), so it imports nothing of Dagster at load.
 """
 
 from __future__ import annotations
