@@ -536,7 +536,15 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    name = f"{report['date'][:10]}-{report['commit'] or 'nocommit'}{'-quick' if args.quick else ''}.json"
+    # A partial run is named for what it measured; a second run of one commit on one day does not
+    # overwrite the first (results are compared across runs as well as commits).
+    kind = "-quick" if args.quick else "-latency" if args.only_latency else ""
+    stem = f"{report['date'][:10]}-{report['commit'] or 'nocommit'}{kind}"
+    name = next(
+        candidate
+        for candidate in (f"{stem}{suffix}.json" for suffix in ["", *(f"-{n}" for n in range(2, 1000))])
+        if not (RESULTS / candidate).exists()
+    )
     (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(table(results))
