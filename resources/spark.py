@@ -272,8 +272,7 @@ class SparkSessionResource(LazyPySparkResource):
         except BaseException:
             self._warm_driver = self._warm_session = None
             warm.discard()  # a JVM left in an unknown state serves no other run
-            warm.release()
-            SparkContext._gateway = SparkContext._jvm = SparkContext._active_spark_context = None
+            _hand_back(warm)
             raise
         started = "a SparkContext of the runs before" if self._warm_session.reused else "a new SparkContext"
         get_dagster_logger().info(
@@ -296,9 +295,7 @@ class SparkSessionResource(LazyPySparkResource):
             warm.discard()  # a JVM left in an unknown state serves no other run
             raise
         finally:
-            warm.release()
-            # That JVM is the next run's now: a later session of this process starts its own.
-            SparkContext._gateway = SparkContext._jvm = None
+            _hand_back(warm)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         try:
@@ -312,6 +309,13 @@ class SparkSessionResource(LazyPySparkResource):
         finally:
             if self._exit_stack is not None:
                 self._exit_stack.close()
+
+
+def _hand_back(warm: WarmDriver) -> None:
+    """Give the warm JVM back for the next run, forgetting it in this process."""
+    warm.release()
+    # That JVM is the next run's now: a later session of this process starts its own.
+    SparkContext._gateway = SparkContext._jvm = SparkContext._active_spark_context = None
 
 
 class WarmSession:
@@ -351,11 +355,12 @@ class WarmSession:
         self.session = self._first.newSession()
         SparkSession._activeSession = self.session
         SparkSession._get_j_spark_session_class(jvm).setActiveSession(self.session._jsparkSession)
-        self._listeners_before = self._listener_ids()
+        self._listeners_before = set(self._listeners())
 
-    def _listener_ids(self) -> set[int]:
+    def _listeners(self) -> dict[int, Any]:
+        """The listeners registered with the context, by their identity in the JVM."""
         identity = SparkContext._jvm.java.lang.System.identityHashCode
-        return {identity(listener) for listener in self._listener_bus().listeners()}
+        return {identity(listener): listener for listener in self._listener_bus().listeners()}
 
     def _listener_bus(self):
         return self.session.sparkContext._jsc.sc().listenerBus()
@@ -369,9 +374,9 @@ class WarmSession:
             query.stop()
         # Each session registers listeners with the context (its streaming queries' bus, ...), which
         # never unregister them: they would pile up, and each would see every later run's events.
-        identity, bus = jvm.java.lang.System.identityHashCode, self._listener_bus()
-        for listener in list(bus.listeners()):
-            if identity(listener) not in self._listeners_before:
+        bus = self._listener_bus()
+        for key, listener in self._listeners().items():
+            if key not in self._listeners_before:
                 bus.removeListener(listener)
         self.session._jsparkSession.sharedState().cacheManager().clearCache()
         jvm.org.apache.spark.sql.execution.streaming.state.StateStore.stop()
