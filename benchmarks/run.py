@@ -540,11 +540,10 @@ def main(argv: list[str] | None = None) -> None:
     # overwrite the first (results are compared across runs as well as commits).
     kind = "-quick" if args.quick else "-latency" if args.only_latency else ""
     stem = f"{report['date'][:10]}-{report['commit'] or 'nocommit'}{kind}"
-    name = next(
-        candidate
-        for candidate in (f"{stem}{suffix}.json" for suffix in ["", *(f"-{n}" for n in range(2, 1000))])
-        if not (RESULTS / candidate).exists()
-    )
+    name, runs = f"{stem}.json", 1
+    while (RESULTS / name).exists():
+        runs += 1
+        name = f"{stem}-{runs}.json"
     (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(table(results))
