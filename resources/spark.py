@@ -18,6 +18,7 @@ from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 from pyspark import SparkContext
 
+from resources import delta_lake
 from resources.jvm import (
     WARM_IDLE_S,
     ClassArchive,
@@ -120,6 +121,17 @@ WARM_DRIVER_DEFAULTS: dict[str, str] = {
 
 #: The Spark Connect server's default port.
 CONNECT_DEFAULT_PORT = 15002
+#: The Spark Connect server's main class. pyspark 4.2's wheel has no `sbin/start-connect-server.sh`,
+#: which only hands this class to `sbin/spark-daemon.sh` (the wheel has that).
+CONNECT_SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
+
+
+def connect_server_daemon(spark_home: str, action: str, *options: str) -> list[str]:
+    """The command that starts (`submit`, with spark-submit's `options`) or stops (`stop`) a Spark
+    Connect server in the background, as `start-connect-server.sh` and `stop-connect-server.sh` do.
+    Run it with `SPARK_HOME` set, and `SPARK_CONNECT_MODE=0` (the server itself is a classic driver)."""
+    command = [os.path.join(spark_home, "sbin", "spark-daemon.sh"), action, CONNECT_SERVER_CLASS, "1"]
+    return command + (["--name", "Spark Connect server", *options] if action == "submit" else [])
 
 
 class SparkSessionResource(LazyPySparkResource):
@@ -185,12 +197,30 @@ class SparkSessionResource(LazyPySparkResource):
         return value
 
     def session_config(self, warm_driver: bool = False) -> dict[str, str]:
-        """The session's settings; for a driver JVM that serves one run unless `warm_driver`."""
+        """The session's settings, Delta Lake's jars included; for a driver JVM that serves one run
+        unless `warm_driver`."""
+        config = self._settings(warm_driver)
+        # Resolved from Maven Central on first use (then kept); spark.jars ships them to executors.
+        try:
+            jars = delta_lake.delta_jars(config)
+        except delta_lake.DeltaJarsUnavailable as exc:
+            raise Failure(str(exc)) from exc
+        config["spark.jars"] = ",".join([*jars, *(j for j in config.get("spark.jars", "").split(",") if j)])
+        return config
+
+    def _settings(self, warm_driver: bool = False) -> dict[str, str]:
         config = {
             **LOCAL_DEFAULTS,
+            **delta_lake.SESSION_SETTINGS,
             "spark.master": self.master,
             "spark.app.name": self.app_name,
             "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
+            # Delta rebuilds a table's state from its log in a Spark job of 50 partitions by default,
+            # far more than a small table's log needs; as many as the shuffles have.
+            "spark.databricks.delta.snapshotPartitions": str(self.shuffle_partitions),
+            # VACUUM lists a table's folders in a Spark job of this many tasks (10,000 by default):
+            # 28 s for a small gold table here, 4 s with as many tasks as shuffles have.
+            "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(self.shuffle_partitions),
             "spark.ui.enabled": str(self.ui_enabled).lower(),
         }
         if self.master.startswith("local") and not self.remote:  # a Connect server's master is its own
@@ -203,8 +233,13 @@ class SparkSessionResource(LazyPySparkResource):
         return config
 
     def connect_config(self) -> dict[str, str]:
-        """What a Spark Connect client may set: the session's SQL settings (the rest is the server's)."""
-        return {key: value for key, value in self.session_config().items() if key.startswith("spark.sql.")}
+        """What a Spark Connect client may set: the session's SQL settings (the rest, Delta Lake's
+        extension among them, is the server's)."""
+        return {
+            key: value
+            for key, value in self._settings().items()
+            if key.startswith("spark.sql.") and key not in delta_lake.SESSION_SETTINGS
+        }
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         stack = ExitStack()
@@ -456,4 +491,13 @@ def build_connect_session(url: str, config: dict[str, str]):
         ) from exc
     from pyspark.sql import SparkSession
 
-    return SparkSession.builder.remote(url).config(map=config).getOrCreate()
+    session = SparkSession.builder.remote(url).config(map=config).getOrCreate()
+    extension = delta_lake.SESSION_SETTINGS["spark.sql.extensions"]
+    if extension not in session.conf.get("spark.sql.extensions", ""):
+        raise Failure(
+            f"The Spark Connect server at {host}:{port} does not load Delta Lake, which every table of "
+            f"this lakehouse is. Start it with `--packages {delta_lake.PACKAGE}` and "
+            + " ".join(f"`--conf {key}={value}`" for key, value in delta_lake.SESSION_SETTINGS.items())
+            + " (see the README, 'Spark Connect')."
+        )
+    return session
