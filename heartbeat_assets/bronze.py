@@ -2,7 +2,6 @@
 
 import functools
 import gzip
-import hashlib
 import operator
 import os
 import re
@@ -15,15 +14,15 @@ from dagster import AssetExecutionContext, AssetKey, AssetSpec, asset, multi_ass
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets import checks
+from heartbeat_assets import checks, tables
 from heartbeat_assets.streaming import (
     InputWatch,
-    appended_table_result,
+    prepare_table,
     run_available_now,
     start_fresh,
+    table_result,
     unchanged_results,
 )
-from heartbeat_assets.tables import append_batch, append_rows, append_split
 from resources import LakehouseResource, SparkSessionResource
 
 RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
@@ -335,84 +334,96 @@ def bronze_recordings(
 ):
     """Ingest new files of landing/recordings into bronze/recordings and bronze/recordings_quarantine."""
     fresh = start_fresh(context, lakehouse, ["bronze/recordings", "bronze/recordings_quarantine"])
-    _rename_unreadable_files(context, lakehouse.recordings_landing)
-    recordings_table = lakehouse.table("bronze/recordings")
-    quarantine_table = lakehouse.table("bronze/recordings_quarantine")
-    rejected = reject_corrupt_gzip(
-        lakehouse.recordings_landing, lakehouse.checkpoint("bronze/recordings") / "_gzip_checked_ctime_ns"
-    )
-    for path in rejected:
+    landing = lakehouse.recordings_landing
+    _rename_unreadable_files(context, landing)
+    checkpoint = lakehouse.checkpoint("bronze/recordings")
+    for path in reject_corrupt_gzip(landing, checkpoint / "_gzip_checked_ctime_ns"):
         context.log.warning(f"{path.name} is not a valid gzip file; moved to {path.parent}.")
-    if fresh:  # the rebuilt quarantine needs the files rejected before, too
-        rejected = sorted((lakehouse.recordings_landing / REJECTED_FOLDER).glob("*"))
-    watch = InputWatch(
-        lakehouse.checkpoint("bronze/recordings"), [lakehouse.recordings_landing], list_files=True
-    )
+    # The rejected folder is marked too: a run that moved a file there and died before recording it
+    # leaves the landing folder as it was before the file landed.
+    watch = InputWatch(checkpoint, landing=[landing, landing / REJECTED_FOLDER])
     if (skipped := unchanged_results(context, watch, [RECORDINGS, RECORDINGS_QUARANTINE])) is not None:
         yield from skipped
         return
-    for path in rejected:
-        # Keyed by file: recorded once, however often this is retried.
-        key = "r" + hashlib.sha1(path.name.encode()).hexdigest()[:16]
-        append_rows(rejected_file_rows(spark.spark_session, [path]), quarantine_table, key)
+    session = spark.spark_session
+    # Parsed in the stream, so the plan is built once per run (each micro-batch gets it from Spark);
+    # `ingested_at` is then the micro-batch's time.
+    elements = parse_recordings(read_landing(session, landing, RECORDINGS_GLOB))
+    elements = elements.withColumn("ingested_at", F.current_timestamp())
+    recordings = elements.select(*RECORDING_COLUMNS)
+    quarantine = elements.select(*QUARANTINE_COLUMNS)
+    recordings_table = prepare_table(session, lakehouse, "bronze/recordings", recordings, fresh=fresh)
+    quarantine_table = prepare_table(
+        session, lakehouse, "bronze/recordings_quarantine", quarantine, fresh=fresh
+    )
+    rejected = record_rejected_files(session, landing / REJECTED_FOLDER, quarantine_table)
 
-    def write_batch(elements: DataFrame, batch_id: int) -> dict[str, float]:
-        # Parsed once (the first write caches it). The recordings' write also notes the newest file
-        # as it reads the elements, so a batch costs one Spark job, and a second only when some
-        # elements are quarantined. Only quarantined elements keep their raw text in the cache: the
+    def write_batch(elements: DataFrame, batch_id: int, query_id: str) -> None:
+        # Parsed once, into the cache. Only quarantined elements keep their raw text there: the
         # recordings table has no use for it, and it is most of the bytes.
         elements = elements.withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))).persist()
         try:
-            written, quarantined, seen = append_split(
-                elements, batch_id, F.col("reason").isNotNull(),
+            tables.append_split(
+                elements, query_id=query_id, batch_id=batch_id, rejected=F.col("reason").isNotNull(),
                 kept_to=(recordings_table, RECORDING_COLUMNS),
                 rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
-                observe=(F.max("source_modified_at").alias("newest"),),
+                numbers={
+                    "elements_read": F.count("*"),
+                    "max:newest_file_modified_at": F.unix_micros(F.max("source_modified_at")) / 1e6,
+                },
             )  # fmt: skip
-            newest = seen["newest"]
-            return {
-                "elements_read": written + quarantined,
-                "recordings_written": written,
-                "quarantined": quarantined,
-                **({"max:newest_file_modified_at": newest.timestamp()} if newest is not None else {}),
-            }
         finally:
             elements.unpersist()
 
-    # Parsed in the stream, so the plan is built once per run (each micro-batch gets it from Spark);
-    # `ingested_at` is then the micro-batch's time.
-    landed = read_landing(spark.spark_session, lakehouse.recordings_landing, RECORDINGS_GLOB)
-    elements = parse_recordings(landed).withColumn("ingested_at", F.current_timestamp())
     report = run_available_now(
         elements,
         name="bronze/recordings",
-        checkpoint=lakehouse.checkpoint("bronze/recordings"),
+        checkpoint=checkpoint,
+        writes={"bronze/recordings": recordings_table, "bronze/recordings_quarantine": quarantine_table},
         write_batch=write_batch,
     )
+    read = report.count("elements_read")
+    written = report.rows_written("bronze/recordings")
+    quarantined = report.rows_written("bronze/recordings_quarantine")
     common = {
         **report.metadata(),
+        "recordings_written": written,
+        "quarantined": quarantined,
         "files_read": report.input_rows,
-        "files_rejected": len(rejected),
+        "files_rejected": rejected,
         **report.maxima,  # newest_file_modified_at
     }
-    yield appended_table_result(
-        context, RECORDINGS, recordings_table, elements.select(*RECORDING_COLUMNS),
-        report.count("recordings_written"), common, fresh=fresh,
-    )  # fmt: skip
-    yield appended_table_result(
-        context, RECORDINGS_QUARANTINE, quarantine_table, elements.select(*QUARANTINE_COLUMNS),
-        report.count("quarantined") + len(rejected), common, fresh=fresh,
-    )  # fmt: skip
-    read, written = report.count("elements_read"), report.count("recordings_written")
-    quarantined = report.count("quarantined")
-    yield checks.schema_check("bronze/recordings", elements.select(*RECORDING_COLUMNS))
+    yield table_result(RECORDINGS, recordings_table, recordings, {**common, "rows_added": written})
+    yield table_result(
+        RECORDINGS_QUARANTINE, quarantine_table, quarantine, {**common, "rows_added": quarantined + rejected}
+    )
+    yield checks.schema_check("bronze/recordings", recordings)
     yield checks.accounting_check("bronze/recordings", read, {"written": written, "quarantined": quarantined})
-    yield checks.schema_check("bronze/recordings_quarantine", elements.select(*QUARANTINE_COLUMNS))
+    yield checks.schema_check("bronze/recordings_quarantine", quarantine)
     yield checks.quarantine_rate_check(
-        "bronze/recordings_quarantine", quarantined + len(rejected), read + len(rejected),
+        "bronze/recordings_quarantine", quarantined + rejected, read + rejected,
         lakehouse.quarantine_warn_rate, lakehouse.quarantine_error_rate,
     )  # fmt: skip
     watch.record()
+
+
+def record_rejected_files(spark: SparkSession, rejected_folder: Path, quarantine: Path) -> int:
+    """Add a quarantine row for each file in the rejected folder that has none yet; return how many.
+
+    Each file's row is an idempotent write of its own (`txnAppId` from the file's name): recorded
+    once, however often a run is retried, and again into a quarantine made anew.
+    """
+    files = sorted(rejected_folder.glob("*")) if rejected_folder.is_dir() else []
+    if not files:
+        return 0
+    table = tables.load(quarantine)
+    added = 0
+    for path in files:
+        app_id = f"{REJECTED_FOLDER}/{path.name}"
+        if table.transaction_version(app_id) is None:
+            tables.append(rejected_file_rows(spark, [path]), quarantine, query_id=app_id, batch_id=0)
+            added += 1
+    return added
 
 
 @asset(
@@ -425,30 +436,23 @@ def bronze_recordings(
 def bronze_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ):
-    """Ingest new files of landing/patients into bronze/patients."""
+    """Ingest new files of landing/patients into bronze/patients (Delta's streaming sink)."""
     fresh = start_fresh(context, lakehouse, ["bronze/patients"])
     _rename_unreadable_files(context, lakehouse.patients_landing)
-    table = lakehouse.table("bronze/patients")
-    watch = InputWatch(lakehouse.checkpoint("bronze/patients"), [lakehouse.patients_landing], list_files=True)
+    checkpoint = lakehouse.checkpoint("bronze/patients")
+    watch = InputWatch(checkpoint, landing=[lakehouse.patients_landing])
     if (skipped := unchanged_results(context, watch, [PATIENTS])) is not None:
         yield from skipped
         return
-
-    def write_batch(files: DataFrame, batch_id: int) -> dict[str, int]:
-        rows = parse_patients(files).withColumn("ingested_at", F.current_timestamp())
-        return {"rows_written": append_batch(rows, table, batch_id)}
-
-    landed = read_landing(spark.spark_session, lakehouse.patients_landing, PATIENTS_GLOB)
+    session = spark.spark_session
+    landed = read_landing(session, lakehouse.patients_landing, PATIENTS_GLOB)
     rows = parse_patients(landed).withColumn("ingested_at", F.current_timestamp())
+    table = prepare_table(session, lakehouse, "bronze/patients", rows, fresh=fresh)
     report = run_available_now(
-        landed,
-        name="bronze/patients",
-        checkpoint=lakehouse.checkpoint("bronze/patients"),
-        write_batch=write_batch,
+        rows, name="bronze/patients", checkpoint=checkpoint, writes={"bronze/patients": table}
     )
-    yield appended_table_result(
-        context, PATIENTS, table, rows, report.count("rows_written"),
-        {**report.metadata(), "files_read": report.input_rows}, fresh=fresh,
-    )  # fmt: skip
+    written = report.rows_written("bronze/patients")
+    metadata = {**report.metadata(), "files_read": report.input_rows, "rows_written": written}
+    yield table_result(PATIENTS, table, rows, {**metadata, "rows_added": written})
     yield checks.schema_check("bronze/patients", rows)
     watch.record()

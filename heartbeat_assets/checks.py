@@ -3,7 +3,6 @@ costs no second read of a table; the checks that protect downstream layers are b
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
 #: The declared schema of every table: a change in code that alters one fails its check.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -20,7 +19,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "mrn": "string", "name": "string", "_extra": "string", "raw": "string", "source_file": "string",
         "source_line": "int", "source_modified_at": "timestamp", "ingested_at": "timestamp",
     },
-    "silver/patients": {"mrn": "bigint", "name": "string"},
+    "silver/patients": {
+        "mrn": "bigint", "name": "string", "source_modified_at": "timestamp", "source_file": "string",
+        "source_line": "int",
+    },
     "silver/recordings": {
         "device_id": "int", "mrn": "bigint", "recorded_at": "timestamp", "heartrate": "double",
         "patient_name": "string", "date": "date", "source_file": "string",
@@ -41,6 +43,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "device_id": "int", "window_start": "timestamp", "window_end": "timestamp", "readings": "bigint",
     },
 }  # fmt: skip
+
+
+#: The partition columns of the partitioned tables.
+PARTITION_COLUMNS: dict[str, list[str]] = {"silver/recordings": ["date"]}
 
 
 def key_of(table: str) -> AssetKey:
@@ -107,7 +113,7 @@ def quarantine_rate_check(
 
 
 def value_checks(table: str, stats: dict[str, int]) -> list[AssetCheckResult]:
-    """Checks of silver/recordings over the rows this run wrote (see `silver.batch_quality`)."""
+    """Checks of silver/recordings over the rows this run wrote (see `silver.quality_numbers`)."""
     return [
         AssetCheckResult(
             asset_key=key_of(table),
@@ -138,7 +144,3 @@ def alerts_markdown(alerts: list[tuple]) -> MetadataValue:
     if len(alerts) > 50:
         lines.append(f"| ... {len(alerts) - 50} more | | | |")
     return MetadataValue.md("\n".join(lines))
-
-
-def count_nulls(df: DataFrame, columns: list[str]) -> F.Column:
-    return F.sum(F.when(F.greatest(*[F.col(c).isNull() for c in columns]), 1).otherwise(0))

@@ -2,13 +2,14 @@
 
 import shutil
 import sys
+from datetime import datetime
 
 from dagster import DagsterInstance
+from deltalake import DeltaTable, QueryBuilder
 
 from heartbeat_assets.simulator import land_file
 from resources import LakehouseResource
 from resources.lakehouse import PROJECT_ROOT
-from resources.spark import build_spark_session
 
 SAMPLES = PROJECT_ROOT / "data" / "samples"
 GOLD_TABLES = ["gold/heartrate_by_patient", "gold/daily_patient_avg", "gold/device_signal_loss"]
@@ -28,6 +29,25 @@ def land_samples(lakehouse: LakehouseResource) -> int:
     return landed
 
 
+def print_table(name: str, path, limit: int = 20) -> None:
+    """Print a Delta table's first rows, read with delta-rs's SQL engine (no Spark)."""
+    table = DeltaTable(str(path))
+    query = QueryBuilder().register("t", table)
+    rows = query.execute(f"SELECT * FROM t ORDER BY 1, 2 LIMIT {limit}").read_all()
+    columns = [[_text(v) for v in column.to_pylist()] for column in rows.columns]
+    widths = [max([len(n), *map(len, c)]) for n, c in zip(rows.column_names, columns, strict=True)]
+    print(f"\n{name}: {table.count()} rows (Delta version {table.version()})")
+    print("  ".join(n.ljust(w) for n, w in zip(rows.column_names, widths, strict=True)))
+    for row in zip(*columns, strict=True):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _text(value) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return "" if value is None else str(value)
+
+
 def main() -> None:
     from heartbeat_assets import defs
 
@@ -40,15 +60,8 @@ def main() -> None:
     if not result.success:
         sys.exit("The medallion run failed; see the log above (or the run in the Dagster UI).")
     print(f"Run {result.run_id} succeeded.")
-    spark = build_spark_session(
-        {"spark.master": "local[1]", "spark.ui.enabled": "false", "spark.sql.session.timeZone": "UTC"}
-    )
-    spark.sparkContext.setLogLevel("ERROR")
     for name in GOLD_TABLES:
-        table = spark.read.parquet(str(lakehouse.table(name)))
-        print(f"\n{name}: {table.count()} rows")
-        table.orderBy(*table.columns[:2]).show(20, truncate=False)
-    spark.stop()
+        print_table(name, lakehouse.table(name))
     width = shutil.get_terminal_size().columns
     print("-" * min(width, 80))
     print("Open the UI with `make ui` (http://127.0.0.1:3000) to see the asset graph and this run.")

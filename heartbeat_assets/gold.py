@@ -1,10 +1,12 @@
 """Gold: per-patient and per-day heart-rate averages, and windows where a device lost its signal.
 
 Gold tables are built from complete-mode streaming aggregates over silver/recordings, whose state
-Spark keeps in the checkpoint. Every micro-batch's complete aggregate is kept as a snapshot beside
-the checkpoint; a table is then built from the newest snapshot (joined with the *current* patient
-dimension) and swapped in atomically. A renamed patient or a patient row that lands after its
-recordings therefore shows up in gold even when no new recording arrived.
+Spark keeps in the checkpoint. Delta's streaming sink writes each micro-batch's complete aggregate
+to a Delta table beside the checkpoint; a gold table is then built from the aggregate's latest
+version (joined with the *current* patient dimension) and replaced in one Delta commit, which
+records what it was built from. A renamed patient or a patient row that lands after its recordings
+therefore shows up in gold even when no new recording arrived, and a run with nothing new rewrites
+nothing.
 
 Two aggregates feed the three tables: per patient and day (daily_patient_avg, and heartrate_by_patient
 as its roll-up over days: a streaming query fewer in every run) and per device and window
@@ -14,16 +16,13 @@ Sums are exact decimals (heart rates at 1e-6 precision), so averages do not depe
 which recordings arrived.
 """
 
-import functools
 import json
-import os
-import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import timedelta
-from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
@@ -42,23 +41,21 @@ from pydantic import Field
 from pyspark.sql import DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 
-from heartbeat_assets import bronze, checks, silver
+from heartbeat_assets import bronze, checks, silver, tables
+from heartbeat_assets.killpoints import watch_writes
 from heartbeat_assets.streaming import (
     InputWatch,
     QueryReport,
     column_schema,
     latest_metadata,
+    prepare_table,
     run_available_now,
     start_fresh,
+    table_metadata,
     unchanged_results,
 )
-from heartbeat_assets.tables import TABLE_FILE, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
 
-SILVER_RECORDINGS_SCHEMA = (
-    "device_id int, mrn bigint, recorded_at timestamp, heartrate double, patient_name string, "
-    "source_file string, date date"
-)
 #: Heart rates are summed as exact decimals at this precision.
 HEARTRATE_DECIMAL = "decimal(20,6)"
 
@@ -178,26 +175,22 @@ class GoldConfig(Config):
 
 
 class GoldAggregate:
-    """A complete-mode streaming aggregate over silver/recordings, with its checkpoint and snapshots.
+    """A complete-mode streaming aggregate over silver/recordings, written by Delta's streaming sink
+    to a Delta table beside its checkpoint (`_aggregate`): each micro-batch commits the whole
+    aggregate as a new version.
 
     Tables built from the same aggregate share one run of its query per step: `run` is called from
     each table's thread, and the first call runs the query while the others wait for its outcome.
     The rows it counts per patient (`counted_rows`, for the counts checks) are summed once too.
     """
 
-    def __init__(
-        self,
-        name: str,
-        lakehouse: LakehouseResource,
-        aggregate: Callable[[DataFrame], DataFrame],
-        schema: str,
-    ):
-        self.name, self.lakehouse, self.aggregate, self.schema = name, lakehouse, aggregate, schema
+    def __init__(self, name: str, lakehouse: LakehouseResource, aggregate: Callable[[DataFrame], DataFrame]):
+        self.name, self.lakehouse, self.aggregate = name, lakehouse, aggregate
         self.checkpoint = lakehouse.checkpoint(name)
-        self.snapshots = self.checkpoint / "_aggregate"
+        self.path = self.checkpoint / "_aggregate"
         self._lock = threading.Lock()
         self._outcome: tuple[QueryReport | None, BaseException | None] | None = None
-        self._snapshot: tuple[Path | None, DataFrame] | None = None
+        self._snapshot: tuple[str, DataFrame] | None = None
         self._counted: tuple[int, int] | None = None
 
     def run(self, spark: SparkSession) -> QueryReport:
@@ -214,43 +207,41 @@ class GoldAggregate:
         return report
 
     def _run_query(self, spark: SparkSession) -> QueryReport:
-        recordings = silver.read_table_stream(
-            spark, self.lakehouse, "silver/recordings", SILVER_RECORDINGS_SCHEMA
-        )
+        recordings = silver.read_table_stream(spark, self.lakehouse, "silver/recordings")
+        aggregated = self.aggregate(recordings)
+        if tables.load(self.path) is None:  # so that an aggregate of nothing reads as empty
+            retention = tables.retention_properties(self.lakehouse.retention_days)
+            tables.create_table(spark, self.path, aggregated.schema, properties=retention)
         return run_available_now(
-            self.aggregate(recordings),
+            aggregated,
             name=self.name,
             checkpoint=self.checkpoint,
-            write_batch=functools.partial(write_snapshot, self.snapshots),
+            writes={f"{self.name}:aggregate": self.path},
             output_mode="complete",
         )
 
-    def snapshot(self, spark: SparkSession) -> tuple[Path | None, DataFrame]:
-        """The aggregate's latest snapshot (None before its first batch) and its rows: after `run`,
+    def snapshot(self, spark: SparkSession) -> tuple[str, DataFrame]:
+        """The aggregate's identity (table id and version) and its rows at that version: after `run`,
         the same for every table of this step."""
         with self._lock:
             if self._snapshot is None:
-                path = self.latest_snapshot()
-                self._snapshot = (path, self.read(spark, path))
+                table = tables.load(self.path)
+                reader = spark.read.format("delta").option("versionAsOf", table.version())
+                self._snapshot = (tables.identity(table), reader.load(str(self.path)))
             return self._snapshot
 
-    def counted_rows(self) -> tuple[int, int]:
-        """(rows counted for known patients, all rows counted) in this step's `snapshot`; one Spark
-        job per step, whichever table asks first."""
+    def counted_rows(self, patients: DataFrame) -> tuple[int, int]:
+        """(rows counted for the known `patients`, all rows counted) in this step's `snapshot`; one
+        Spark job per step, whichever table asks first."""
         with self._lock:
             if self._counted is None:
                 if self._snapshot is None:
                     raise RuntimeError("counted_rows needs this step's snapshot: call `snapshot` first")
                 aggregated = self._snapshot[1]
                 # Each known mrn once: a patient listed twice would count its recordings twice.
-                patients = (
-                    silver.read_patients(aggregated.sparkSession, self.lakehouse)
-                    .select("mrn")
-                    .distinct()
-                    .withColumn("known", F.lit(True))
-                )
+                known = patients.select("mrn").distinct().withColumn("known", F.lit(True))
                 row = (
-                    aggregated.join(patients, "mrn", "left")
+                    aggregated.join(known, "mrn", "left")
                     .agg(
                         F.sum(F.when(F.col("known"), F.col("count"))).alias("of_known"),
                         F.sum("count").alias("in_aggregate"),
@@ -260,14 +251,18 @@ class GoldAggregate:
                 self._counted = (row["of_known"] or 0, row["in_aggregate"] or 0)
             return self._counted
 
-    def latest_snapshot(self) -> Path | None:
-        done = [p for p in sorted(self.snapshots.glob("batch-*")) if (p / "_SUCCESS").exists()]
-        return done[-1] if done else None
 
-    def read(self, spark: SparkSession, snapshot: Path | None) -> DataFrame:
-        if snapshot is None:
-            return spark.createDataFrame([], self.schema)
-        return spark.read.schema(self.schema).parquet(str(snapshot))  # written by the query: known schema
+class Patients:
+    """The patient dimension as one gold step sees it: one version of silver/patients for every table."""
+
+    def __init__(self, lakehouse: LakehouseResource):
+        self.lakehouse = lakehouse
+        table = tables.load(lakehouse.table("silver/patients"))
+        self.version = table.version() if table is not None else None
+        self.identity = tables.identity(table)
+
+    def read(self, spark: SparkSession) -> DataFrame:
+        return silver.read_patients(spark, self.lakehouse, self.version)
 
 
 class GoldTable:
@@ -286,32 +281,30 @@ class GoldTable:
         aggregate: GoldAggregate,
         build: Callable[[DataFrame], DataFrame],
         settings: dict,
-        uses_patients: bool,
+        patients: Patients | None,
         reports_new_rows: bool = False,
     ):
         self.context = context
         self.name = name
         self.key = AssetKey(name.split("/"))
         self.lakehouse = lakehouse
-        self.table = lakehouse.table(name)
+        self.path = lakehouse.table(name)
         # The table's own, for the mark of the inputs it was last built from; its aggregate's may be
         # another table's.
         self.checkpoint = lakehouse.checkpoint(name)
-        self.aggregate, self.build = aggregate, build
-        self.settings, self.uses_patients, self.reports_new_rows = settings, uses_patients, reports_new_rows
+        self.aggregate, self.build, self.patients = aggregate, build, patients
+        self.settings, self.reports_new_rows = settings, reports_new_rows
 
     def prepare(self) -> list | None:
-        """Reset the table (and its aggregate) on a full refresh and check its settings; the step's
-        results if its inputs are unchanged, else None (then `update` and `check` must run)."""
-        tables = [self.name] if self.aggregate.name == self.name else [self.aggregate.name, self.name]
-        start_fresh(self.context, self.lakehouse, tables, keep_data=True)
-        if self.aggregate.name != self.name and (self.checkpoint / "offsets").is_dir():
-            self._forget_own_query()
+        """Reset the table's aggregate on a full refresh and check its settings; the step's results
+        if its inputs are unchanged, else None (then `update` and `check` must run)."""
+        names = [self.name] if self.aggregate.name == self.name else [self.aggregate.name, self.name]
+        self.fresh = start_fresh(self.context, self.lakehouse, names)
         self._check_settings(self.settings)
         inputs_read = [self.lakehouse.table("silver/recordings")]
-        if self.uses_patients:
+        if self.patients is not None:
             inputs_read.append(self.lakehouse.table("silver/patients"))
-        self.watch = InputWatch(self.checkpoint, inputs_read, self.settings)
+        self.watch = InputWatch(self.checkpoint, tables_read=inputs_read, settings=self.settings)
         nothing_new = {"no_new_lost_signal": self._new_alerts_check([])} if self.reports_new_rows else {}
         return unchanged_results(self.context, self.watch, [self.key], nothing_new)
 
@@ -322,15 +315,14 @@ class GoldTable:
         `landed` is when bronze's newest file landed. `check` then gives the table's checks.
         """
         report = self.aggregate.run(spark)
-        snapshot, self.aggregated = self.aggregate.snapshot(spark)
-        inputs = {"aggregate_batch": snapshot.name if snapshot else None, "settings": self.settings}
-        if self.aggregate.name != self.name:
-            inputs["aggregate"] = self.aggregate.name
-        if self.uses_patients:
-            inputs["patients"] = read_lineage(self.lakehouse.table("silver/patients"))
-        previous = read_lineage(self.table)
-        self.rebuilt = previous is None or previous.get("inputs") != inputs
+        aggregate_identity, self.aggregated = self.aggregate.snapshot(spark)
+        inputs = {"aggregate": aggregate_identity, "settings": self.settings}
+        if self.patients is not None:
+            inputs["patients"] = self.patients.identity
         table = self.build(self.aggregated)
+        current = tables.load(self.path)
+        built_from = tables.last_commit(current)["userMetadata"].get("inputs") if current else None
+        self.rebuilt = self.fresh or built_from != inputs
         metadata = {
             **report.metadata(),
             "aggregate_query": self.aggregate.name,
@@ -338,22 +330,25 @@ class GoldTable:
             "table_rebuilt": self.rebuilt,
         }
         self.counted_in_gold = None  # the counts check's gold side, summed as the table is written
+        self.previous_rows: Counter = Counter()
         if self.rebuilt:
-            if self.reports_new_rows:  # the check compares the new version with this one
-                self._keep_current_version()
-            if self.uses_patients:
+            if current is None:  # (a full refresh replaces a folder of plain Parquet, too)
+                prepare_table(spark, self.lakehouse, self.name, table, fresh=self.fresh)
+            elif self.reports_new_rows:  # the check compares the new version with this one: few rows
+                before = spark.read.format("delta").load(str(self.path)).collect()
+                self.previous_rows = Counter(tuple(row) for row in before)
+            if self.patients is not None:
                 counted = Observation()
                 table = table.observe(counted, F.sum("count").alias("in_gold"))
-            metadata["dagster/row_count"] = replace_table(table, self.table, {"inputs": inputs})
-            if self.uses_patients:
+            with watch_writes({self.name: self.path}):
+                tables.overwrite(table, self.path, {"inputs": inputs})
+            if self.patients is not None:
                 self.counted_in_gold = counted.get["in_gold"] or 0
             if landed:  # seconds from the newest recording file landing (as bronze saw it)
                 metadata["landing_to_gold_latency_s"] = round(time.time() - landed, 3)
-            # Just written from `table`: read with its schema, which spares a Spark job to infer it.
-            self.written = spark.read.schema(table.schema).parquet(str(self.table))
-        else:
-            metadata["dagster/row_count"] = previous["rows"]
-            self.written = spark.read.parquet(str(self.table))  # written by an earlier run, maybe older code
+        metadata.update(table_metadata(self.path))
+        self.written = spark.read.format("delta").option("versionAsOf", metadata["delta_version"])
+        self.written = self.written.load(str(self.path))
         if self.lakehouse.table_previews:
             metadata["preview"] = MetadataValue.md(markdown_preview(self.written))
         return MaterializeResult(asset_key=self.key, metadata=metadata)
@@ -361,7 +356,7 @@ class GoldTable:
     def check(self, silver_rows: int) -> list[AssetCheckResult]:
         """The checks of the table `update` wrote; `silver_rows` is silver/recordings' row count."""
         results = [checks.schema_check(self.name, self.written)]
-        if self.uses_patients:
+        if self.patients is not None:
             results.append(self._counts_check(silver_rows))
         if self.reports_new_rows:
             results.append(self._new_alerts_check(self._rows_not_in_previous_version()))
@@ -377,38 +372,21 @@ class GoldTable:
             metadata={"new_alerts": len(new_alerts), "alerts": checks.alerts_markdown(new_alerts)},
         )
 
-    @property
-    def _previous_version(self) -> Path:
-        # In a folder readers of the table skip (its name starts with `_`); Spark also skips such
-        # names when given as the file to read, but not as the folder.
-        return self.table / "_previous_version"
-
-    def _keep_current_version(self) -> None:
-        """Keep the table's current file (a hard link: the table stays in place) for the comparison."""
-        shutil.rmtree(self._previous_version, ignore_errors=True)
-        current = self.table / TABLE_FILE
-        if current.exists():
-            self._previous_version.mkdir()
-            os.link(current, self._previous_version / TABLE_FILE)
-
     def _rows_not_in_previous_version(self) -> list[tuple]:
-        """Rows of the table that its version before this run lacked, by device and window."""
+        """Rows of the table that its version before this run lacked. (Read before the new version
+        replaced it: Delta refuses to time-travel to a version older than the table's retention, and
+        the version before may be that old.)"""
         if not self.rebuilt:
             return []
-        new = self.written
-        if self._previous_version.exists():
-            previous = new.sparkSession.read.schema(new.schema).parquet(str(self._previous_version))
-            new = new.exceptAll(previous)
-        rows = sorted(tuple(row) for row in new.collect())  # few: sorted here, not by a Spark job
-        shutil.rmtree(self._previous_version, ignore_errors=True)
-        return rows
+        new = Counter(tuple(row) for row in self.written.collect()) - self.previous_rows
+        return sorted(new.elements())
 
     def _counts_check(self, silver_rows: int) -> AssetCheckResult:
         """Gold's counts add up to the silver rows of known patients, and the aggregate covers silver."""
         in_gold = self.counted_in_gold
         if in_gold is None:  # the table was not rebuilt in this run
             in_gold = self.written.agg(F.sum("count")).first()[0] or 0
-        of_known, in_aggregate = self.aggregate.counted_rows()
+        of_known, in_aggregate = self.aggregate.counted_rows(self.patients.read(self.written.sparkSession))
         return AssetCheckResult(
             asset_key=self.key,
             check_name="counts_match_silver",
@@ -416,16 +394,6 @@ class GoldTable:
             metadata={"gold_count": in_gold, "silver_rows_of_known_patients": of_known,
                       "aggregated_rows": in_aggregate, "silver_rows": silver_rows},
         )  # fmt: skip
-
-    def _forget_own_query(self) -> None:
-        """Delete the state of a query this table once had (heartrate_by_patient, before it was rolled
-        up from the daily aggregate): nothing reads it any more."""
-        for leftover in self.checkpoint.iterdir():
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            elif leftover.name != InputWatch.FILE:
-                leftover.unlink()
-        self.context.log.info(f"Removed the state of {self.name}'s former query from {self.checkpoint}.")
 
     def _check_settings(self, settings: dict) -> None:
         """Settings baked into the aggregate's state cannot change without rebuilding it."""
@@ -446,16 +414,6 @@ class GoldTable:
             stored.write_text(json.dumps(state))
 
 
-def write_snapshot(snapshots: Path, aggregated: DataFrame, batch_id: int) -> dict[str, int]:
-    """Keep a micro-batch's complete aggregate. A plain function: under Spark Connect the writer is
-    pickled to the server, and a method would drag its object (Dagster context, session) along."""
-    aggregated.write.mode("overwrite").parquet(str(snapshots / f"batch-{batch_id:012d}"))
-    # Keep this snapshot and the one before; older ones can no longer be needed.
-    for old in sorted(snapshots.glob("batch-*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-    return {}
-
-
 GOLD_DEPS = [silver.RECORDINGS, silver.PATIENTS]
 # The hourly schedule and the sensors keep gold fresh; a gold older than this shows as stale in the UI.
 GOLD_FRESHNESS = FreshnessPolicy.time_window(fail_window=timedelta(hours=2), warn_window=timedelta(hours=1))
@@ -467,25 +425,20 @@ COUNTS_CHECK = (
 def gold_tables(context: AssetExecutionContext, config: GoldConfig, lakehouse: LakehouseResource) -> list:
     """Every gold table: the aggregate over silver/recordings it is built from, and how."""
     signal_loss = config.device_signal_loss.model_dump()
+    patients = Patients(lakehouse)
 
     def with_patients(build):
-        return lambda totals: build(totals, silver.read_patients(totals.sparkSession, lakehouse))
+        return lambda totals: build(totals, patients.read(totals.sparkSession))
 
     # Each aggregate's checkpoint is named after the table it was first made for. A table that groups
-    # or windows its aggregate again reads it as one partition: it is as small as the table (one
-    # file), and the build then needs no shuffle (here heartrate_by_patient took 0.49 s instead of
-    # 0.63 s, device_signal_loss 0.44 s instead of 0.50 s; a join alone gains nothing).
-    daily_totals = GoldAggregate(
-        "gold/daily_patient_avg",
-        lakehouse,
-        patient_daily_totals,
-        "mrn bigint, date date, heartrate_sum decimal(30,6), count bigint",
-    )
+    # or windows its aggregate again reads it as one partition: it is as small as the table, and the
+    # build then needs no shuffle (here heartrate_by_patient took 0.49 s instead of 0.63 s,
+    # device_signal_loss 0.44 s instead of 0.50 s; a join alone gains nothing).
+    daily_totals = GoldAggregate("gold/daily_patient_avg", lakehouse, patient_daily_totals)
     window_counts = GoldAggregate(
         "gold/device_signal_loss",
         lakehouse,
         lambda recordings: device_window_counts(recordings, signal_loss["window_seconds"]),
-        "device_id int, window_start bigint, readings bigint",
     )
     return [
         GoldTable(
@@ -494,19 +447,19 @@ def gold_tables(context: AssetExecutionContext, config: GoldConfig, lakehouse: L
             build=with_patients(
                 lambda daily, names: heartrate_by_patient(patient_totals(daily.coalesce(1)), names)
             ),
-            settings={}, uses_patients=True,
+            settings={}, patients=patients,
         ),
         GoldTable(
             context, "gold/daily_patient_avg", lakehouse,
             aggregate=daily_totals,
             build=with_patients(daily_patient_avg),
-            settings={}, uses_patients=True,
+            settings={}, patients=patients,
         ),
         GoldTable(
             context, "gold/device_signal_loss", lakehouse,
             aggregate=window_counts,
             build=lambda counts: device_signal_loss(counts.coalesce(1), **signal_loss),
-            settings=signal_loss, uses_patients=False, reports_new_rows=True,
+            settings=signal_loss, patients=None, reports_new_rows=True,
         ),
     ]  # fmt: skip
 

@@ -1,31 +1,24 @@
 """Silver: the current patient dimension, and valid, deduplicated recordings with the patient's name."""
 
-from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, MaterializeResult, asset, multi_asset
+import json
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, asset, multi_asset
 from pydantic import Field
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets import bronze, checks
+from heartbeat_assets import bronze, checks, tables
+from heartbeat_assets.killpoints import kill_point
 from heartbeat_assets.streaming import (
     InputWatch,
-    appended_table_result,
-    column_schema,
+    prepare_table,
     run_available_now,
     start_fresh,
+    table_result,
     unchanged_results,
 )
-from heartbeat_assets.tables import append_split, data_files, ensure_exists, read_lineage, replace_table
 from resources import LakehouseResource, SparkSessionResource
-
-BRONZE_RECORDINGS_SCHEMA = (
-    f"{bronze.RECORDING_SCHEMA}, _rescued string, source_file string, source_line int, "
-    "source_element int, source_modified_at timestamp, ingested_at timestamp"
-)
-BRONZE_PATIENTS_SCHEMA = (
-    "mrn string, name string, _extra string, raw string, source_file string, source_line int, "
-    "source_modified_at timestamp, ingested_at timestamp"
-)
-PATIENTS_SCHEMA = "mrn bigint, name string"
 
 MAX_HEARTRATE = 300.0
 #: Recordings before this instant (2000-01-01T00:00:00Z) are not plausible.
@@ -42,16 +35,48 @@ RECORDINGS = AssetKey(["silver", "recordings"])
 RECORDINGS_QUARANTINE = AssetKey(["silver", "recordings_quarantine"])
 
 
+#: Columns of silver/patients: the patient, and the bronze row the name comes from.
+PATIENT_COLUMNS = ["mrn", "name", "source_modified_at", "source_file", "source_line"]
+
+
 def current_patients(bronze_patients: DataFrame) -> DataFrame:
     """One row per mrn with its latest name: the newest file (modification time, then name) wins,
-    and within a file the last line. Rows without a numeric mrn or a name are left out."""
+    and within a file the last line. Rows without a numeric mrn or a name are left out. The row's
+    source (`source_modified_at`, `source_file`, `source_line`) is kept: it orders the rows."""
     valid = bronze_patients.where(
         F.col("mrn").rlike("^[0-9]{1,18}$") & (F.col("name") != "") & F.col("_extra").isNull()
     )
-    newest_first = F.struct("source_modified_at", "source_file", "source_line")
-    return valid.groupBy(F.col("mrn").cast("bigint").alias("mrn")).agg(
-        F.max_by("name", newest_first).alias("name")
+    newest = F.max_by(F.struct(*PATIENT_COLUMNS[1:]), F.struct(*PATIENT_COLUMNS[2:]))
+    return (
+        valid.groupBy(F.col("mrn").cast("bigint").alias("mrn"))
+        .agg(newest.alias("_newest"))
+        .select("mrn", "_newest.*")
     )
+
+
+#: A patient row replaces the dimension's when it comes from a newer source (the order of
+#: `current_patients`): merging batch after batch gives the newest row over all of them.
+MERGE_NEWEST = (
+    "MERGE INTO {table} AS t USING {batch} AS s ON t.mrn = s.mrn "
+    "WHEN MATCHED AND struct(s.source_modified_at, s.source_file, s.source_line) "
+    "> struct(t.source_modified_at, t.source_file, t.source_line) THEN UPDATE SET * "
+    "WHEN NOT MATCHED THEN INSERT *"
+)
+
+
+def merge_patients(batch: DataFrame, table: Path, query_id: str, batch_id: int) -> None:
+    """Fold a micro-batch of bronze patient rows into the dimension with one MERGE (idempotent: a
+    batch merged again changes nothing). Its commit records the batch, like `tables.append`."""
+    session = batch.sparkSession
+    current_patients(batch).createOrReplaceTempView("patients_batch")
+    session.conf.set(
+        "spark.databricks.delta.commitInfo.userMetadata", json.dumps({"query": query_id, "batch": batch_id})
+    )
+    try:
+        session.sql(MERGE_NEWEST.format(table=tables.sql_name(table), batch="patients_batch"))
+    finally:
+        session.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+    kill_point("write:silver/patients:committed")
 
 
 def validate_recordings(
@@ -105,29 +130,30 @@ def clean_recordings(bronze_recordings: DataFrame, patients: DataFrame, **valida
     return enrich(deduplicate(validate_recordings(bronze_recordings, **validation)), patients)
 
 
-def batch_quality(valid: DataFrame, min_time: float, max_clock_skew_s: float) -> dict[str, int]:
-    """Counts behind the silver value checks, over the rows of one micro-batch (one pass, cached data)."""
-    heartrate, recorded_at = F.col("heartrate"), F.col("recorded_at")
+def quality_numbers(min_time: float, max_clock_skew_s: float) -> dict[str, Column]:
+    """Aggregates behind the silver value checks, over the valid rows of a micro-batch (`reason` null)."""
+    valid, heartrate, recorded_at = F.col("reason").isNull(), F.col("heartrate"), F.col("recorded_at")
     latest = F.current_timestamp() + F.make_interval(secs=F.lit(max_clock_skew_s))
     out_of_range = (
         F.isnan(heartrate) | (heartrate <= 0) | (heartrate > MAX_HEARTRATE)
         | (recorded_at < F.timestamp_seconds(F.lit(min_time))) | (recorded_at > latest)
     )  # fmt: skip
-    row = valid.agg(
-        checks.count_nulls(valid, ["device_id", "mrn", "recorded_at"]).alias("null_keys"),
-        F.sum(F.when(out_of_range, 1).otherwise(0)).alias("out_of_range"),
-        (F.count("*") - F.count_distinct("device_id", "mrn", "recorded_at")).alias("duplicate_keys"),
-    ).first()
-    return {name: int(row[name] or 0) for name in ("null_keys", "out_of_range", "duplicate_keys")}
+    null_key = F.greatest(*[F.col(c).isNull() for c in ("device_id", "mrn", "recorded_at")])
+    return {
+        "null_keys": F.count_if(valid & null_key),
+        "out_of_range": F.count_if(valid & out_of_range),
+        "duplicate_keys": F.count_if(valid)
+        - F.count_distinct(F.when(valid, F.struct("device_id", "mrn", "recorded_at"))),
+    }
 
 
-def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFrame:
-    """The current patient dimension; read with its declared schema (silver's schema check guards the
-    table), which spares a Spark job that infers it from the file."""
-    table = lakehouse.table("silver/patients")
-    if data_files(table):
-        return spark.read.schema(PATIENTS_SCHEMA).parquet(str(table))
-    return spark.createDataFrame([], PATIENTS_SCHEMA)
+def read_patients(spark: SparkSession, lakehouse: LakehouseResource, version: int | None = None) -> DataFrame:
+    """The patient dimension (mrn, name), at `version` if given, else the latest (empty before any
+    patient landed)."""
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(str(prepare_table(spark, lakehouse, "silver/patients"))).select("mrn", "name")
 
 
 #: Silver caches each micro-batch for its writers and quality counts; bronze's Parquet holds about
@@ -135,19 +161,21 @@ def read_patients(spark: SparkSession, lakehouse: LakehouseResource) -> DataFram
 #: (a full refresh of silver reads all of bronze). Two million in one batch have run the driver's
 #: 768 MiB heap out of memory here (with the cache uncompressed).
 MAX_BRONZE_BYTES_PER_BATCH = 8 * 2**20
+#: Delta's source reads at most 1,000 files per micro-batch by default: a stream without a byte
+#: bound takes everything new at once.
+ALL_FILES = 1_000_000
 
 
 def read_table_stream(
-    spark: SparkSession, lakehouse: LakehouseResource, name: str, schema: str, max_bytes_per_batch: int = 0
+    spark: SparkSession, lakehouse: LakehouseResource, name: str, max_bytes_per_batch: int = 0
 ) -> DataFrame:
-    """Stream the files appended to one of the lakehouse's own tables, in micro-batches of at most
-    `max_bytes_per_batch` bytes of files (at least one file; 0: everything new at once)."""
-    table = lakehouse.table(name)
-    table.mkdir(parents=True, exist_ok=True)
-    stream = spark.readStream.schema(schema).option("maxFileAge", "36500d")
+    """Stream the rows appended to one of the lakehouse's tables (made empty if its step has never
+    run), in micro-batches of at most `max_bytes_per_batch` bytes of files (at least one file; 0:
+    everything new at once)."""
+    stream = spark.readStream.format("delta").option("maxFilesPerTrigger", ALL_FILES)
     if max_bytes_per_batch:
         stream = stream.option("maxBytesPerTrigger", max_bytes_per_batch)
-    return stream.parquet(str(table))
+    return stream.load(str(prepare_table(spark, lakehouse, name)))
 
 
 class SilverRecordingsConfig(Config):
@@ -163,39 +191,36 @@ class SilverRecordingsConfig(Config):
     key=PATIENTS,
     deps=[bronze.PATIENTS],
     group_name="silver",
-    description="The current patient dimension: one row per mrn with the latest name.",
+    description="The current patient dimension: one row per mrn with the latest name, and its source.",
     check_specs=[checks.schema_spec("silver/patients")],
     pool="heartbeat_lakehouse",
 )
 def silver_patients(
     context: AssetExecutionContext, spark: SparkSessionResource, lakehouse: LakehouseResource
 ):
-    """Fold new bronze patient rows into the dimension (complete-mode aggregate, replaced atomically)."""
-    start_fresh(context, lakehouse, ["silver/patients"], keep_data=True)
-    table = lakehouse.table("silver/patients")
-    watch = InputWatch(lakehouse.checkpoint("silver/patients"), [lakehouse.table("bronze/patients")])
+    """Merge new bronze patient rows into the dimension (newest source wins)."""
+    fresh = start_fresh(context, lakehouse, ["silver/patients"])
+    checkpoint = lakehouse.checkpoint("silver/patients")
+    bronze_table = lakehouse.table("bronze/patients")
+    watch = InputWatch(checkpoint, tables_read=[bronze_table])
     if (skipped := unchanged_results(context, watch, [PATIENTS])) is not None:
         yield from skipped
         return
-
-    def write_batch(patients: DataFrame, batch_id: int) -> dict[str, int]:
-        # Complete mode: every micro-batch carries the whole dimension; the last one is the table.
-        replace_table(patients, table, {"batch_id": batch_id})
-        return {}
-
-    stream = read_table_stream(spark.spark_session, lakehouse, "bronze/patients", BRONZE_PATIENTS_SCHEMA)
+    session = spark.spark_session
+    stream = read_table_stream(session, lakehouse, "bronze/patients")
     dimension = current_patients(stream)
+    table = prepare_table(session, lakehouse, "silver/patients", dimension, fresh=fresh)
     report = run_available_now(
-        dimension,
+        stream,
         name="silver/patients",
-        checkpoint=lakehouse.checkpoint("silver/patients"),
-        write_batch=write_batch,
-        output_mode="complete",
+        checkpoint=checkpoint,
+        writes={"silver/patients": table},
+        write_batch=lambda batch, batch_id, query_id: merge_patients(batch, table, query_id, batch_id),
     )
-    ensure_exists(dimension, table)
-    # The table's lineage holds the row count of the batch that wrote it last.
-    latest = {"dagster/row_count": read_lineage(table)["rows"]} if report.batches else {}
-    yield MaterializeResult(metadata={**report.metadata(), **latest, **column_schema(dimension)})
+    merged = report.operations.get("silver/patients", {})
+    inserted, updated = merged.get("numTargetRowsInserted", 0), merged.get("numTargetRowsUpdated", 0)
+    metadata = {**report.metadata(), "patients_added": inserted, "patients_updated": updated}
+    yield table_result(PATIENTS, table, dimension, {**metadata, "rows_added": inserted})
     yield checks.schema_check("silver/patients", dimension)
     watch.record()
 
@@ -232,80 +257,73 @@ def silver_recordings(
 ):
     """Validate, deduplicate and enrich new bronze recordings."""
     fresh = start_fresh(context, lakehouse, ["silver/recordings", "silver/recordings_quarantine"])
-    watch = InputWatch(
-        lakehouse.checkpoint("silver/recordings"), [lakehouse.table("bronze/recordings")], config.model_dump()
-    )
+    checkpoint = lakehouse.checkpoint("silver/recordings")
+    bronze_table = lakehouse.table("bronze/recordings")
+    watch = InputWatch(checkpoint, tables_read=[bronze_table], settings=config.model_dump())
     if (skipped := unchanged_results(context, watch, [RECORDINGS, RECORDINGS_QUARANTINE])) is not None:
         yield from skipped
         return
     session = spark.spark_session
-    recordings_table = lakehouse.table("silver/recordings")
-    quarantine_table = lakehouse.table("silver/recordings_quarantine")
-
-    min_time, max_clock_skew_s = config.min_time, config.max_clock_skew_s  # plain values travel well
-
-    def write_batch(batch: DataFrame, batch_id: int) -> dict[str, int]:
-        batch = batch.persist()
-        try:
-            written, quarantined, _ = append_split(
-                batch, batch_id, F.col("reason").isNotNull(),
-                kept_to=(recordings_table, RECORDING_COLUMNS),
-                rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
-                partition_by=["date"],
-            )  # fmt: skip
-            # The rows just written, read again from the cache for the value checks' counts.
-            valid = batch.where(F.col("reason").isNull()).select(*RECORDING_COLUMNS)
-            return {
-                "recordings_written": written,
-                "quarantined": quarantined,
-                **batch_quality(valid, min_time, max_clock_skew_s),
-            }
-        finally:
-            batch.unpersist()
-
-    stream = read_table_stream(
-        session, lakehouse, "bronze/recordings", BRONZE_RECORDINGS_SCHEMA, MAX_BRONZE_BYTES_PER_BATCH
-    )
+    stream = read_table_stream(session, lakehouse, "bronze/recordings", MAX_BRONZE_BYTES_PER_BATCH)
     cleaned = clean_recordings(
         stream,
         read_patients(session, lakehouse),
         min_time=config.min_time,
         max_clock_skew_s=config.max_clock_skew_s,
     )
+    recordings, quarantine = cleaned.select(*RECORDING_COLUMNS), cleaned.select(*QUARANTINE_COLUMNS)
+    recordings_table = prepare_table(session, lakehouse, "silver/recordings", recordings, fresh=fresh)
+    quarantine_table = prepare_table(
+        session, lakehouse, "silver/recordings_quarantine", quarantine, fresh=fresh
+    )
+    numbers = quality_numbers(config.min_time, config.max_clock_skew_s)
+
+    def write_batch(batch: DataFrame, batch_id: int, query_id: str) -> None:
+        batch = batch.persist()
+        try:
+            tables.append_split(
+                batch, query_id=query_id, batch_id=batch_id, rejected=F.col("reason").isNotNull(),
+                kept_to=(recordings_table, RECORDING_COLUMNS),
+                rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
+                numbers=numbers,
+            )  # fmt: skip
+        finally:
+            batch.unpersist()
+
     report = run_available_now(
         cleaned,
         name="silver/recordings",
-        checkpoint=lakehouse.checkpoint("silver/recordings"),
+        checkpoint=checkpoint,
+        writes={"silver/recordings": recordings_table, "silver/recordings_quarantine": quarantine_table},
         write_batch=write_batch,
     )
+    written = report.rows_written("silver/recordings")
+    quarantined = report.rows_written("silver/recordings_quarantine")
     duplicates = report.state_metrics.get("numDroppedDuplicateRows", 0)
-    accounted = report.count("recordings_written") + report.count("quarantined") + duplicates
+    accounted = written + quarantined + duplicates
     common = {
         **report.metadata(),
+        "recordings_written": written,
+        "quarantined": quarantined,
         "duplicates_dropped": duplicates,
         "bronze_rows_read": report.input_rows,
         "unaccounted_rows": report.input_rows - accounted,
     }
     # The tables first: Dagster ties each check to the asset's latest materialization, which must
     # be this run's.
-    yield appended_table_result(
-        context, RECORDINGS, recordings_table, cleaned.select(*RECORDING_COLUMNS),
-        report.count("recordings_written"), common, partition_by=["date"], fresh=fresh,
-    )  # fmt: skip
-    yield appended_table_result(
-        context, RECORDINGS_QUARANTINE, quarantine_table, cleaned.select(*QUARANTINE_COLUMNS),
-        report.count("quarantined"), common, fresh=fresh,
-    )  # fmt: skip
-    yield checks.schema_check("silver/recordings", cleaned.select(*RECORDING_COLUMNS))
+    yield table_result(RECORDINGS, recordings_table, recordings, {**common, "rows_added": written})
+    yield table_result(
+        RECORDINGS_QUARANTINE, quarantine_table, quarantine, {**common, "rows_added": quarantined}
+    )
+    yield checks.schema_check("silver/recordings", recordings)
     yield from checks.value_checks("silver/recordings", report.counts)
     yield checks.accounting_check(
         "silver/recordings", report.input_rows,
-        {"written": report.count("recordings_written"), "quarantined": report.count("quarantined"),
-         "duplicates": duplicates},
+        {"written": written, "quarantined": quarantined, "duplicates": duplicates},
     )  # fmt: skip
-    yield checks.schema_check("silver/recordings_quarantine", cleaned.select(*QUARANTINE_COLUMNS))
+    yield checks.schema_check("silver/recordings_quarantine", quarantine)
     yield checks.quarantine_rate_check(
-        "silver/recordings_quarantine", report.count("quarantined"), report.input_rows,
+        "silver/recordings_quarantine", quarantined, report.input_rows,
         lakehouse.quarantine_warn_rate, lakehouse.quarantine_error_rate,
     )  # fmt: skip
     if accounted != report.input_rows:

@@ -1,17 +1,18 @@
 """The one runner behind every layer: an availableNow streaming query with its own checkpoint.
 
-Each layer defines a pure DataFrame transformation and a `foreachBatch` writer; this module starts
-the query, waits for it, and sums the query's progress into numbers the Dagster assets report.
+Each layer defines a pure DataFrame transformation and where its rows go: a Delta table through
+Delta's own streaming sink, or a `foreachBatch` writer where one micro-batch writes two tables (or
+merges). This module starts the query, waits for it, and sums the query's progress and the Delta
+commits of its micro-batches into numbers the Dagster assets report.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
+import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +24,20 @@ from dagster import (
     AssetKey,
     Failure,
     MaterializeResult,
+    MetadataValue,
     TableColumn,
     TableSchema,
 )
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as CheckStatus
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException, StreamingQueryException
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
-from heartbeat_assets.killpoints import kill_point
-from heartbeat_assets.tables import ensure_exists, write_atomically
+from heartbeat_assets import checks, tables
+from heartbeat_assets.killpoints import kill_point, watch_writes
 
-BatchWriter = Callable[[DataFrame, int], dict[str, int]]
+#: Writes micro-batch `batch_id` of the query with id `query_id`, e.g. with `tables.append`.
+BatchWriter = Callable[[DataFrame, int, str], None]
 
 
 @dataclass
@@ -42,12 +45,16 @@ class QueryReport:
     """What one availableNow run of a streaming query did, summed over its micro-batches."""
 
     name: str
+    query_id: str = ""
     batch_ids: list[int] = field(default_factory=list)
     input_rows: int = 0
     duration_s: float = 0.0
+    #: Numbers the batches recorded in their commits' `userMetadata`, summed over the batches.
     counts: dict[str, int] = field(default_factory=dict)
-    #: Values the writer returned under `max:<name>` keys, combined with max over the batches.
+    #: The same under `max:<name>` keys, combined with max.
     maxima: dict[str, float] = field(default_factory=dict)
+    #: Per table written: Delta's operation metrics of the batches' commits, summed.
+    operations: dict[str, dict[str, int]] = field(default_factory=dict)
     state_metrics: dict[str, int] = field(default_factory=dict)
     #: Spark's own time per phase of its micro-batches (queryPlanning, addBatch, walCommit, ...).
     phase_ms: dict[str, int] = field(default_factory=dict)
@@ -58,6 +65,10 @@ class QueryReport:
 
     def count(self, key: str) -> int:
         return self.counts.get(key, 0)
+
+    def rows_written(self, table: str) -> int:
+        """Rows the batches committed to `table` (Delta's `numOutputRows`)."""
+        return self.operations.get(table, {}).get("numOutputRows", 0)
 
     def metadata(self) -> dict[str, float | int]:
         """Numeric metadata for Dagster, so the UI can plot it across runs."""
@@ -75,52 +86,44 @@ def run_available_now(
     *,
     name: str,
     checkpoint: Path,
-    write_batch: BatchWriter,
+    writes: dict[str, Path],
+    write_batch: BatchWriter | None = None,
     output_mode: str = "append",
 ) -> QueryReport:
     """Run `df` with `trigger(availableNow=True)` until it has consumed all available input.
 
-    `write_batch(batch_df, batch_id)` writes a micro-batch and returns counts (rows written per
-    table, ...), which are summed into the report (values under `max:<name>` keys are combined with
-    max). The query name is `name` with `/` replaced.
-
-    The counts travel through a file per batch beside the checkpoint, not through this process's
-    memory: with Spark Connect, `write_batch` runs in a Python process of the Connect server (it and
-    everything it refers to are pickled), so it cannot change anything here.
+    Without `write_batch` the rows go to the one table of `writes` ({table name: path}) through
+    Delta's streaming sink. With it, `write_batch(batch_df, batch_id, query_id)` writes each
+    micro-batch to the tables of `writes`. Either way the report sums the Delta commits of this
+    run's batches to those tables. The query name is `name` with `/` replaced.
     """
     report = QueryReport(name=name)
-    run_token = uuid.uuid4().hex  # tells this run's batches from those of earlier runs
+    query_name = name.replace("/", "_")
+    writer = df.writeStream.queryName(query_name).outputMode(output_mode).trigger(availableNow=True)
+    writer = writer.option("checkpointLocation", str(checkpoint))
+    if write_batch is None:
+        ((_, sink),) = writes.items()
+        writer = writer.format("delta")
+    else:
 
-    def on_batch(batch_df: DataFrame, batch_id: int) -> None:
-        counts = write_batch(batch_df, batch_id)
-        _record_batch(checkpoint, batch_id, run_token, counts)
-        kill_point(f"batch:{name}:written")  # written, but Spark has not committed the batch
+        def on_batch(batch_df: DataFrame, batch_id: int) -> None:
+            write_batch(batch_df, batch_id, micro_batch_query_id(batch_df, query_name))
+            kill_point(f"batch:{name}:written")  # written, but Spark has not committed the batch
 
+        writer = writer.foreachBatch(on_batch)
     started = time.monotonic()
     try:
-        query = (
-            df.writeStream.queryName(name.replace("/", "_"))
-            .foreachBatch(on_batch)
-            .outputMode(output_mode)
-            .trigger(availableNow=True)
-            .option("checkpointLocation", str(checkpoint))
-            .start()
-        )
-        query.awaitTermination()
+        with watch_writes(writes):
+            query = writer.start(str(sink)) if write_batch is None else writer.start()
+            query.awaitTermination()
     except (StreamingQueryException, AnalysisException, Py4JJavaError) as exc:
         raise _query_failure(name, checkpoint, exc) from exc
     report.duration_s = time.monotonic() - started
+    report.query_id = query.id
     for progress in query.recentProgress:
-        counts = _recorded_batch(checkpoint, progress.batchId, run_token)
-        if counts is None:  # no data, so no batch was run
+        if "addBatch" not in (progress.durationMs or {}):  # no data, so no batch was run
             continue
         report.batch_ids.append(progress.batchId)
-        for key, value in counts.items():
-            if key.startswith("max:"):
-                metric = key.removeprefix("max:")
-                report.maxima[metric] = max(float(value), report.maxima.get(metric, float(value)))
-            else:
-                report.counts[key] = report.counts.get(key, 0) + int(value)
         report.input_rows += progress.numInputRows
         for phase, ms in (progress.durationMs or {}).items():
             report.phase_ms[phase] = report.phase_ms.get(phase, 0) + int(ms)
@@ -128,35 +131,36 @@ def run_available_now(
             for key, value in (operator.customMetrics or {}).items():
                 if key.startswith("numDropped"):
                     report.state_metrics[key] = report.state_metrics.get(key, 0) + int(value)
-    _prune_batch_records(checkpoint)
+    for table, path in writes.items():
+        _add_commits(report, table, tables.batch_commits(tables.load(path), query.id, report.batch_ids))
     return report
 
 
-#: Folder beside a query's checkpoint data where each micro-batch's counts are recorded.
-BATCH_RECORDS = "_batch_counts"
-#: Records of this many of the latest batches are kept.
-KEEP_BATCH_RECORDS = 100
+def _add_commits(report: QueryReport, table: str, commits: list[dict]) -> None:
+    operations = report.operations.setdefault(table, {})
+    for commit in commits:
+        for key, value in (commit.get("operationMetrics") or {}).items():
+            operations[key] = operations.get(key, 0) + int(value)
+        for key, value in commit["userMetadata"].items():
+            if key in ("query", "batch"):
+                continue
+            if key.startswith("max:"):
+                metric = key.removeprefix("max:")
+                report.maxima[metric] = max(float(value), report.maxima.get(metric, float(value)))
+            else:
+                report.counts[key] = report.counts.get(key, 0) + int(value)
 
 
-def _record_batch(checkpoint: Path, batch_id: int, run_token: str, counts: dict) -> None:
-    """Record what micro-batch `batch_id` wrote, atomically; a re-run of the batch replaces it."""
-    target = Path(checkpoint) / BATCH_RECORDS / f"{batch_id:012d}.json"
-    write_atomically(target, json.dumps({"run": run_token, "counts": counts}))
-
-
-def _recorded_batch(checkpoint: Path, batch_id: int, run_token: str) -> dict | None:
-    """The counts micro-batch `batch_id` recorded in the run with `run_token`, or None."""
-    try:
-        record = json.loads((Path(checkpoint) / BATCH_RECORDS / f"{batch_id:012d}.json").read_text())
-    except FileNotFoundError:
-        return None
-    return record["counts"] if record.get("run") == run_token else None
-
-
-def _prune_batch_records(checkpoint: Path) -> None:
-    records = sorted((Path(checkpoint) / BATCH_RECORDS).glob("*.json"))
-    for old in records[:-KEEP_BATCH_RECORDS]:
-        old.unlink(missing_ok=True)
+def micro_batch_query_id(batch: DataFrame, query_name: str) -> str:
+    """The id of the streaming query whose micro-batch `batch` is: the same across restarts from one
+    checkpoint, and new with a new checkpoint (so a rebuilt table's batches are not taken for old ones)."""
+    session = batch.sparkSession
+    context = getattr(session, "_sc", None)
+    if context is not None:  # the micro-batch's thread in the driver knows its query
+        return context.getLocalProperty("sql.streaming.queryId")
+    # Spark Connect: the writer runs in a worker attached to the query's session on the server.
+    (query,) = [q for q in session.streams.active if q.name == query_name]
+    return query.id
 
 
 # Errors Spark raises when a checkpoint was written by a different query (another plan, state schema
@@ -191,39 +195,34 @@ def _first_line(exc: BaseException) -> str:
 class InputWatch:
     """Tells, without Spark, whether a query's inputs changed since its last complete run.
 
-    The mark covers every folder the query reads, plus any settings. It is stored beside the
-    checkpoint only after the query completed, so a crashed or failed run is never skipped after.
-    The lakehouse's own tables change only inside a run, which holds the lock: their folders'
-    modification times mark them (files are added by a rename or a create, which changes their
-    folder's mtime). Landing folders are written by others at any time, and a file system keeps times
-    at a coarse tick, so a file renamed in just after the mark was taken may leave the folder's mtime
-    as it was: they are marked by the names of the files in them (`list_files`).
+    The mark covers what the query reads: the files of its landing folders, the identity (table id and
+    version) of the Delta tables it reads, and its settings. It is stored beside the checkpoint only
+    after the query completed, so a crashed or failed run is never skipped after. Landing folders
+    are marked by the names of their files, not times: a file renamed in just after the mark was
+    taken may leave its folder's mtime as it was (file systems keep times at a coarse tick).
     """
 
     FILE = "_input_mark"
 
     def __init__(
-        self, checkpoint: Path, folders: list[Path], settings: object = None, list_files: bool = False
+        self,
+        checkpoint: Path,
+        *,
+        landing: list[Path] = (),
+        tables_read: list[Path] = (),
+        settings: object = None,
     ):
         self.path = checkpoint / self.FILE
-        self.mark = self._mark(folders, settings, list_files)
-
-    @staticmethod
-    def _mark(folders: list[Path], settings: object, list_files: bool) -> str:
         stamps = [repr(settings)]
-        for top in folders:
-            if not top.is_dir():
-                stamps.append(f"{top}:missing")
-                continue
-            for folder, dirs, files in os.walk(top):
-                dirs[:] = sorted(d for d in dirs if d != "_staging")
-                if list_files:
-                    stamps.append(folder)
-                    stamps.extend(f"  {name}" for name in sorted(files) if not name.startswith("."))
-                else:
-                    stat = os.stat(folder)
-                    stamps.append(f"{folder}:{stat.st_ino}:{stat.st_mtime_ns}")
-        return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+        for folder in landing:
+            names = (
+                sorted(e.name for e in os.scandir(folder) if not e.name.startswith("."))
+                if folder.is_dir()
+                else None
+            )
+            stamps.append(f"{folder}: {names}")
+        stamps.extend(f"{path}: {tables.identity(tables.load(path))}" for path in tables_read)
+        self.mark = hashlib.sha256("\n".join(stamps).encode()).hexdigest()
 
     @property
     def unchanged(self) -> bool:
@@ -234,7 +233,10 @@ class InputWatch:
 
     def record(self) -> None:
         """Remember the inputs as seen before the query ran (call after it completed)."""
-        write_atomically(self.path, self.mark)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.FILE}.{os.getpid()}")
+        tmp.write_text(self.mark)
+        os.replace(tmp, self.path)
 
 
 def unchanged_results(
@@ -266,13 +268,10 @@ def unchanged_results(
         latest[key] = done[0]
     results: list = []
     for key in keys:
-        rows = latest_metadata(context, key, "dagster/row_count")
-        metadata = {"input_unchanged": True, "rows_added": 0}
+        previous = _latest_materialization(context, key)
+        kept = {name: previous[name] for name in ("dagster/row_count", "delta_version") if name in previous}
         results.append(
-            MaterializeResult(
-                asset_key=key,
-                metadata={**metadata, **({"dagster/row_count": int(rows)} if rows is not None else {})},
-            )
+            MaterializeResult(asset_key=key, metadata={"input_unchanged": True, "rows_added": 0, **kept})
         )
     for key in check_keys:
         if key.name in per_run_checks:
@@ -300,48 +299,59 @@ LAYERS = ("bronze", "silver", "gold")
 FULL_REFRESH_TAG = "heartbeat/full_refresh"
 
 
-def start_fresh(
-    context: AssetExecutionContext, lakehouse, tables: list[str], keep_data: bool = False
-) -> bool:
-    """Reset `tables` if this run is a full refresh of their layer or one upstream; say whether it did."""
+def start_fresh(context: AssetExecutionContext, lakehouse, names: list[str]) -> bool:
+    """Forget what the queries writing `names` have processed (their checkpoints) if this run is a
+    full refresh of their layer or one upstream; say whether it is. The caller empties the tables."""
     layer = context.run.tags.get(FULL_REFRESH_TAG)
     if layer is None:
         return False
     if layer not in LAYERS:
         raise Failure(f"Run tag {FULL_REFRESH_TAG}={layer!r} is not a layer; use one of {', '.join(LAYERS)}.")
-    if LAYERS.index(tables[0].split("/")[0]) < LAYERS.index(layer):
+    if LAYERS.index(names[0].split("/")[0]) < LAYERS.index(layer):
         return False
-    for name in tables:
-        lakehouse.reset(name, keep_data=keep_data)
-    context.log.warning(f"Full refresh from {layer}: rebuilding {', '.join(tables)} from scratch.")
+    for name in names:
+        lakehouse.reset(name)
+    context.log.warning(f"Full refresh from {layer}: rebuilding {', '.join(names)} from scratch.")
     return True
 
 
-def row_count(
-    context: AssetExecutionContext,
-    key: AssetKey,
-    rows_added: int,
-    count_table: Callable[[], int],
-    fresh: bool = False,
-) -> dict[str, int]:
-    """`dagster/row_count` of an append-only table: the last materialization's count plus this run's rows.
-
-    Keeps the total without scanning the table; `fresh` starts it over (after a full refresh). A
-    Dagster instance without a count yet (a new one, over tables an earlier instance wrote) counts
-    the table once, with `count_table`.
-    """
-    previous = 0 if fresh else latest_metadata(context, key, "dagster/row_count")
-    total = count_table() if previous is None else int(previous) + rows_added
-    return {"dagster/row_count": total, "rows_added": rows_added}
+def prepare_table(
+    spark: SparkSession, lakehouse, name: str, rows: DataFrame | None = None, fresh: bool = False
+) -> Path:
+    """The folder of table `name`, with a Delta table in it: created empty if there is none yet, with
+    the schema of `rows` (a streaming DataFrame will do), or the declared one (`checks.SCHEMAS`) for a
+    table a step reads before the step that writes it has run; made anew on a full refresh (`fresh`)."""
+    path = lakehouse.table(name)
+    if fresh:
+        shutil.rmtree(path, ignore_errors=True)
+    elif tables.load(path) is not None:
+        return path
+    elif path.is_dir() and any(path.iterdir()):
+        raise Failure(
+            f"{path} holds files but no Delta table: an earlier version of this project wrote {name} "
+            "as plain Parquet. Rebuild the lakehouse from its landing folders with the "
+            "`full_refresh_bronze` job (the landed files are kept)."
+        )
+    if rows is None:
+        rows = spark.createDataFrame([], ", ".join(f"`{c}` {t}" for c, t in checks.SCHEMAS[name].items()))
+    partition_by = checks.PARTITION_COLUMNS.get(name, [])
+    tables.create_table(
+        spark, path, rows.schema, partition_by, tables.retention_properties(lakehouse.retention_days)
+    )
+    return path
 
 
 def latest_metadata(context: AssetExecutionContext, key: AssetKey, name: str):
     """Value of metadata entry `name` in the latest materialization of `key`, or None."""
+    return _latest_materialization(context, key).get(name)
+
+
+def _latest_materialization(context: AssetExecutionContext, key: AssetKey) -> dict:
+    """The metadata values of the latest materialization of `key` (empty if none)."""
     event = context.instance.get_latest_materialization_event(key)
     if event is None or event.asset_materialization is None:
-        return None
-    entry = event.asset_materialization.metadata.get(name)
-    return entry.value if entry is not None else None
+        return {}
+    return {name: entry.value for name, entry in event.asset_materialization.metadata.items()}
 
 
 def column_schema(df: DataFrame) -> dict[str, TableSchema]:
@@ -350,29 +360,20 @@ def column_schema(df: DataFrame) -> dict[str, TableSchema]:
     return {"dagster/column_schema": TableSchema(columns=columns)}
 
 
-def appended_table_result(
-    context: AssetExecutionContext,
-    key: AssetKey,
-    table: Path,
-    rows: DataFrame,
-    rows_added: int,
-    metadata: dict,
-    partition_by: list[str] | None = None,
-    fresh: bool = False,
-) -> MaterializeResult:
-    """The materialization of an append-only table after its query ran.
+def table_metadata(path: Path) -> dict:
+    """What Dagster shows of a Delta table: its version (to find this materialization in the
+    table's history, or to read it with `versionAsOf`), location and row count, read from its log."""
+    table = tables.load(path)
+    return {
+        "delta_version": table.version(),
+        "dagster/uri": MetadataValue.path(str(path)),
+        "dagster/row_count": tables.row_count(table),
+    }
 
-    `rows` is the (streaming) DataFrame the table's rows come from: it gives the schema, which is
-    also used to create the table empty if no row has reached it yet.
-    """
-    ensure_exists(rows, table, partition_by)
+
+def table_result(key: AssetKey, path: Path, rows: DataFrame, metadata: dict) -> MaterializeResult:
+    """The materialization of a table after its query ran; `rows` is the (streaming) DataFrame its
+    rows come from, for the column schema."""
     return MaterializeResult(
-        asset_key=key,
-        metadata={
-            **metadata,
-            **row_count(
-                context, key, rows_added, lambda: rows.sparkSession.read.parquet(str(table)).count(), fresh
-            ),
-            **column_schema(rows),
-        },
+        asset_key=key, metadata={**metadata, **table_metadata(path), **column_schema(rows)}
     )

@@ -1,214 +1,183 @@
-"""Writing Parquet tables from inside `foreachBatch`, exactly once.
+"""Delta tables: how the lakehouse creates, appends to and replaces them, and reads their log.
 
-`foreachBatch` is at-least-once: after a crash Spark re-runs the last uncommitted micro-batch with the
-same input. Both writers here are idempotent in the batch id, which makes the end result exactly-once:
+Delta Lake owns the commits. Spark writes every table (`format("delta")`); a write becomes visible
+to readers in one atomic commit, or not at all. Where a micro-batch writes a table from
+`foreachBatch` (which Spark runs at least once per batch), the write carries Delta's idempotent-write
+options, `txnAppId` (the streaming query's id) and `txnVersion` (the batch id): a batch run again
+after a crash finds its commit and is skipped, so each batch is written exactly once.
 
-* `append_batch` names every file it adds `part-b<batch id>-<n>.parquet`; a re-run of the batch first
-  removes the files of the failed attempt, then moves its own into place.
-* `replace_table` keeps a table as a single Parquet file and swaps it with one atomic rename, so a
-  reader sees the old table or the new one, never a missing, empty or half-written one.
+Each such commit also carries the batch's numbers in its `userMetadata`, and Delta records the rows
+it wrote in `operationMetrics`: a run reads them back from the commit history, whichever process or
+earlier attempt made the commit.
 
-Spark writes into a `_staging` folder inside the table (readers skip names starting with `_` or `.`),
-then the files are renamed into place, which is atomic on a local or POSIX file system.
+Reading the log needs no Spark: delta-rs (`deltalake`) gives a table's version, history and row count
+(from the statistics of its files), so an idle run starts no JVM.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
-from pyspark.sql import Column, DataFrame, Observation
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DateType
+from pyspark.sql.types import StructType
 
 from heartbeat_assets.killpoints import kill_point
 
-TABLE_FILE = "part-00000.parquet"
-LINEAGE_FILE = "_lineage.json"
+#: Properties every table is created with. delta-rs, DuckDB and Polars read these tables, so no table
+#: feature beyond the basic protocol is enabled (deletion vectors, column mapping, ...).
+BASE_PROPERTIES = {"delta.enableDeletionVectors": "false"}
 
 
-def _is_data_file(name: str) -> bool:
-    return name.endswith(".parquet") and not name.startswith((".", "_"))
+def retention_properties(days: int) -> dict[str, str]:
+    """How long a table keeps its history: versions to time-travel to (the log) and the data files
+    that older versions need (removed by VACUUM after that)."""
+    return {
+        "delta.logRetentionDuration": f"interval {days} days",
+        "delta.deletedFileRetentionDuration": f"interval {days} days",
+    }
 
 
-def data_files(table: Path) -> list[Path]:
-    """The Parquet files a reader of `table` sees (partition folders included)."""
-    if not table.exists():
-        return []
-    found = []
-    for folder, dirs, files in os.walk(table):
-        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
-        found.extend(Path(folder) / f for f in files if _is_data_file(f))
-    return sorted(found)
+def sql_name(path: Path | str) -> str:
+    """The table at `path` in Spark SQL: delta.`<path>`."""
+    return "delta.`{}`".format(str(path).replace("`", "``"))
 
 
-def _stage(
-    df: DataFrame, table: Path, name: str, partition_by: list[str] | None, single_file: bool
-) -> tuple[Path, int]:
-    """Write `df` to `<table>/_staging/<name>`; the folder and the number of rows written.
+def create_table(
+    spark: SparkSession,
+    path: Path,
+    schema: StructType,
+    partition_by: Iterable[str] = (),
+    properties: dict[str, str] | None = None,
+) -> None:
+    """Create an empty table at `path` with `schema`, unless one exists there."""
+    columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in schema.fields)
+    partitioned = f" PARTITIONED BY ({', '.join(partition_by)})" if partition_by else ""
+    props = {**BASE_PROPERTIES, **(properties or {})}
+    tblproperties = ", ".join(f"'{key}' = '{value}'" for key, value in sorted(props.items()))
+    spark.sql(
+        f"CREATE TABLE IF NOT EXISTS {sql_name(path)} ({columns}) USING delta{partitioned} "
+        f"TBLPROPERTIES ({tblproperties})"
+    )
 
-    The rows are counted while they are written (an observed metric), not by a second job.
-    """
-    staging = table / "_staging" / name
-    shutil.rmtree(staging, ignore_errors=True)
-    written = Observation()
-    df = df.observe(written, F.count(F.lit(1)).alias("rows"))
-    writer = (df.coalesce(1) if single_file else df).write.mode("overwrite")
-    if partition_by:
-        writer = writer.partitionBy(*partition_by)
-    writer.parquet(str(staging))
-    return staging, written.get["rows"]
 
-
-def append_batch(
-    df: DataFrame,
-    table: Path,
-    batch_id: int,
-    partition_by: list[str] | None = None,
-    known_empty: bool = False,
-) -> int:
-    """Append `df` to `table` as the output of micro-batch `batch_id`; return the rows written.
-
-    Safe to call again for the same batch id: the earlier attempt's files are replaced. With
-    `known_empty` (`df` was counted empty as another write read the same rows) no Spark job runs.
-    """
-    return append_rows(df, table, f"b{batch_id:012d}", partition_by, known_empty)
+def append(df: DataFrame, path: Path, *, query_id: str, batch_id: int, metadata: dict | None = None) -> None:
+    """Append `df` to the table as micro-batch `batch_id` of streaming query `query_id`: skipped if
+    that batch was committed before. `metadata` (JSON) goes into the commit's `userMetadata`."""
+    (
+        df.write.format("delta")
+        .mode("append")
+        .option("txnAppId", query_id)
+        .option("txnVersion", batch_id)
+        .option("userMetadata", json.dumps({**(metadata or {}), "query": query_id, "batch": batch_id}))
+        .save(str(path))
+    )
+    kill_point(f"write:{table_name(path)}:committed")
 
 
 def append_split(
     batch: DataFrame,
+    *,
+    query_id: str,
     batch_id: int,
     rejected: Column,
     kept_to: tuple[Path, list[str]],
     rejected_to: tuple[Path, list[str]],
-    partition_by: list[str] | None = None,
-    observe: tuple[Column, ...] = (),
-) -> tuple[int, int, dict]:
-    """Append the rows of micro-batch `batch_id` to a table and its quarantine: those where
-    `rejected` holds to `rejected_to` (folder, columns), the others to `kept_to`. Returns the rows
-    written to each, and the values of the aggregates `observe`, computed over `batch` as it is read.
+    numbers: dict[str, Column] | None = None,
+) -> None:
+    """Append micro-batch `batch_id` to a table and its quarantine: the rows where `rejected` holds to
+    `rejected_to` (folder, columns), the others to `kept_to`.
 
-    The first write also counts the rejected rows, so the quarantine's write (a second Spark job,
-    which reads `batch` again: cache it) runs only when there are some.
+    One Spark job first computes `numbers` (aggregates over the batch, e.g. quality counts) and counts
+    the rejected rows: the numbers go into the table's commit, and the quarantine is written only when
+    there are rejected rows. The batch is read up to three times: cache it.
     """
-    seen = Observation()
-    counted = batch.observe(seen, F.count_if(rejected).alias("_rejected"), *observe)
+    aggregates = {"_rejected": F.count_if(rejected), **(numbers or {})}
+    computed = batch.agg(*[column.alias(name) for name, column in aggregates.items()]).first().asDict()
     table, columns = kept_to
-    kept = append_batch(counted.where(~rejected).select(*columns), table, batch_id, partition_by)
-    metrics = seen.get
-    quarantine, quarantine_columns = rejected_to
-    quarantined = append_batch(
-        batch.where(rejected).select(*quarantine_columns),
-        quarantine,
-        batch_id,
-        known_empty=metrics["_rejected"] == 0,
+    metadata = {name: value for name, value in computed.items() if name != "_rejected" and value is not None}
+    append(
+        batch.where(~rejected).select(*columns),
+        table,
+        query_id=query_id,
+        batch_id=batch_id,
+        metadata=metadata,
     )
-    return kept, quarantined, metrics
-
-
-def append_rows(
-    df: DataFrame, table: Path, key: str, partition_by: list[str] | None = None, known_empty: bool = False
-) -> int:
-    """Append `df` to `table` under `key`, replacing whatever an earlier call with that key wrote."""
-    name = _name(table)
-    prefix = f"part-{key}-"
-    if known_empty:  # what an earlier attempt staged or moved is removed all the same
-        shutil.rmtree(table / "_staging" / f"rows-{key}", ignore_errors=True)
-        _remove_files(table, prefix)
-        return 0
-    staging, rows = _stage(df, table, f"rows-{key}", partition_by, single_file=False)
-    kill_point(f"append:{name}:staged")
-    _remove_files(table, prefix)
-    if rows:
-        # Numbered across partition folders: names stay unique within the table.
-        for n, source in enumerate(data_files(staging)):
-            target = table / source.parent.relative_to(staging) / f"{prefix}{n:05d}.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-            kill_point(f"append:{name}:moving")
-        _remove_empty_placeholder(table)
-    shutil.rmtree(staging, ignore_errors=True)
-    return rows
-
-
-def _remove_files(table: Path, prefix: str) -> None:
-    for old in data_files(table):
-        if old.name.startswith(prefix):
-            old.unlink()
-
-
-EMPTY_FILE = "part-empty.parquet"
-NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
-
-
-def ensure_exists(df: DataFrame, table: Path, partition_by: list[str] | None = None) -> None:
-    """Give a table that has no file yet an empty one with its schema, so readers find the table.
-
-    `df` only provides the schema (a streaming DataFrame will do). For a partitioned table the empty
-    file sits in a placeholder partition whose value gives the column its type (a date column would
-    read as `void` from a null partition); it is removed when the first rows arrive.
-    """
-    if data_files(table):
-        return
-    spark = df.sparkSession
-    empty = spark.createDataFrame([], df.schema).drop(*(partition_by or []))
-    staging, _ = _stage(empty, table, "empty", None, single_file=True)
-    types = {field.name: field.dataType for field in df.schema.fields}
-    folder = table.joinpath(
-        *(
-            f"{c}={'1970-01-01' if isinstance(types[c], DateType) else NULL_PARTITION}"
-            for c in partition_by or []
+    if computed["_rejected"]:
+        quarantine, quarantine_columns = rejected_to
+        append(
+            batch.where(rejected).select(*quarantine_columns),
+            quarantine,
+            query_id=query_id,
+            batch_id=batch_id,
         )
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (staged_file,) = data_files(staging)
-    os.replace(staged_file, folder / EMPTY_FILE)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_empty_placeholder(table: Path) -> None:
-    for placeholder in [p for p in data_files(table) if p.name == EMPTY_FILE]:
-        placeholder.unlink()
-        folder = placeholder.parent
-        while folder != table and not any(folder.iterdir()):
-            folder.rmdir()
-            folder = folder.parent
+def overwrite(df: DataFrame, path: Path, metadata: dict) -> None:
+    """Replace the table's rows with `df` in one commit; `metadata` goes into its `userMetadata`."""
+    df.write.format("delta").mode("overwrite").option("userMetadata", json.dumps(metadata)).save(str(path))
+    kill_point(f"write:{table_name(path)}:committed")
 
 
-def replace_table(df: DataFrame, table: Path, lineage: dict) -> int:
-    """Atomically replace `table` with `df` as one Parquet file; record what it was built from."""
-    staging, rows = _stage(df, table, "replace", None, single_file=True)
-    (staged_file,) = data_files(staging)
-    kill_point(f"replace:{_name(table)}:staged")
-    os.replace(staged_file, table / TABLE_FILE)
-    kill_point(f"replace:{_name(table)}:renamed")
-    shutil.rmtree(staging, ignore_errors=True)
-    _remove_empty_placeholder(table)
-    _write_json_atomically(table / LINEAGE_FILE, {**lineage, "rows": rows})
-    return rows
+def table_name(path: Path) -> str:
+    """`<layer>/<table>` of a table's folder."""
+    return f"{path.parent.name}/{path.name}"
 
 
-def _name(table: Path) -> str:
-    return f"{table.parent.name}/{table.name}"
+# The log, read without Spark.
 
 
-def read_lineage(table: Path) -> dict | None:
-    """What the current version of a replaced table was built from, or None if it was never built."""
+def load(path: Path, version: int | None = None) -> DeltaTable | None:
+    """The table at `path` (at `version`, else the latest), or None if there is none."""
     try:
-        return json.loads((table / LINEAGE_FILE).read_text())
-    except FileNotFoundError:
+        return DeltaTable(str(path), version=version)
+    except TableNotFoundError:
         return None
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    write_atomically(path, json.dumps(payload, sort_keys=True))
+def identity(table: DeltaTable | None) -> str | None:
+    """`<table id>@<version>`: changes with every commit, and when a table is made anew."""
+    return None if table is None else f"{table.metadata().id}@{table.version()}"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` by a rename: readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def row_count(table: DeltaTable) -> int:
+    """The table's rows, from its files' statistics (Delta records each file's row count)."""
+    return table.count()
+
+
+def last_commit(table: DeltaTable) -> dict:
+    """The newest commit's information, with its `userMetadata` parsed (a dict; empty if none)."""
+    (commit,) = table.history(1)
+    return {**commit, "userMetadata": _parsed(commit.get("userMetadata"))}
+
+
+def batch_commits(table: DeltaTable, query_id: str, batch_ids: list[int]) -> list[dict]:
+    """The commits micro-batches `batch_ids` of query `query_id` made to the table, by this run or by
+    an attempt that crashed before its batch was done, with their `userMetadata` parsed.
+
+    A query commits at most once per batch to a table, and while a run holds the lakehouse only its
+    own writes commit to it (a few before the query: the table's creation, rejected files), so the
+    batches' commits are among the newest.
+    """
+    wanted, found = set(batch_ids), {}
+    for commit in table.history(len(wanted) + 16):
+        meta, params = _parsed(commit.get("userMetadata")), commit.get("operationParameters") or {}
+        if meta.get("query") == query_id and meta.get("batch") in wanted:  # written by `append`
+            found[meta["batch"]] = {**commit, "userMetadata": meta}
+        elif params.get("queryId") == query_id and int(params.get("epochId", -1)) in wanted:  # Delta's sink
+            found[int(params["epochId"])] = {**commit, "userMetadata": meta}
+    return [found[batch] for batch in sorted(found)]
+
+
+def _parsed(user_metadata: str | None) -> dict:
+    if not user_metadata:
+        return {}
+    try:
+        parsed = json.loads(user_metadata)
+    except ValueError:  # written by someone else
+        return {}
+    return parsed if isinstance(parsed, dict) else {}

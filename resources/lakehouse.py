@@ -49,8 +49,8 @@ class LakehouseResource(ConfigurableResource):
 
         landing/recordings/   device files (.json / .json.gz), placed atomically
         landing/patients/     patient CSV files (header mrn,name)
-        lakehouse/<layer>/<table>/   Parquet tables
-        checkpoints/<layer>/<table>/ streaming checkpoints (and gold aggregate snapshots)
+        lakehouse/<layer>/<table>/   Delta tables
+        checkpoints/<layer>/<table>/ streaming checkpoints (and gold's aggregates, as Delta tables)
     """
 
     data_dir: str = Field(
@@ -74,6 +74,14 @@ class LakehouseResource(ConfigurableResource):
     quarantine_error_rate: float = Field(
         default=0.2,
         description="The quarantine_rate checks fail when a run quarantines more than this share.",
+    )
+
+    retention_days: int = Field(
+        default=7,
+        ge=0,
+        description="Days each table keeps its history: versions older than this can no longer be "
+        "read (time travel) once the maintenance job's VACUUM has deleted the files only they used. "
+        "0 keeps no history.",
     )
 
     landing_watch_seconds: float = Field(
@@ -163,18 +171,9 @@ class LakehouseResource(ConfigurableResource):
         finally:
             handle.close()
 
-    def reset(self, name: str, keep_data: bool = False) -> None:
-        """Forget what table `name` has processed: delete its checkpoint and its files.
-
-        With `keep_data` (tables replaced whole, like gold) the current file stays readable until the
-        rebuild replaces it; only the record of what it was built from goes.
-        """
+    def reset(self, name: str) -> None:
+        """Forget what the query writing table `name` has processed: delete its checkpoint."""
         shutil.rmtree(self.checkpoint(name), ignore_errors=True)
-        table = self.table(name)
-        if keep_data:
-            (table / "_lineage.json").unlink(missing_ok=True)
-        else:
-            shutil.rmtree(table, ignore_errors=True)
 
     def relocate_checkpoints(self) -> list[Path]:
         """Point the checkpoints at this data root if it was moved or copied; return the files changed.

@@ -3,11 +3,14 @@
 import os
 import re
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
+from deltalake import DeltaTable
 from hypothesis import settings
+from pyspark import SparkContext
 
 from heartbeat_assets.definitions import build_definitions
 from resources import TABLES, LakehouseResource, SparkSessionResource
@@ -29,6 +32,19 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+def forget_delta_tables() -> None:
+    """Drop the logs and state Delta keeps cached in the JVM, by table path: in a session that serves
+    hundreds of temporary lakehouses they would fill the heap."""
+    if SparkContext._jvm is not None and SparkContext._active_spark_context is not None:
+        SparkContext._jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()
+
+
+@pytest.fixture(autouse=True)
+def forget_tables_after_each_test():
+    yield
+    forget_delta_tables()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,18 +79,19 @@ class Lakehouse:
             instance=self.instance, run_config=run_config, raise_on_error=raise_on_error
         )
 
+    def table(self, name: str, version: int | None = None):
+        """Table `name` as Spark reads it (at `version`, else the latest)."""
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(str(self.resource.table(name)))
+
     def read(self, name: str) -> list[dict]:
-        return [row.asDict() for row in self.spark.read.parquet(str(self.resource.table(name))).collect()]
+        return [row.asDict() for row in self.table(name).collect()]
 
     def contents(self, ignore: tuple[str, ...] = ()) -> dict[str, list]:
         """Every table's rows, sorted, without the columns that record when a row was ingested."""
-        out = {}
-        for table in TABLES:
-            df = self.spark.read.parquet(str(self.resource.table(table)))
-            df = df.drop(*[c for c in df.columns if c in ("ingested_at", "source_modified_at", *ignore)])
-            rows = [tuple(_comparable(v) for v in row) for row in df.collect()]
-            out[table] = sorted(rows, key=repr)
-        return out
+        return {table: comparable_rows(self.table(table), ignore) for table in TABLES}
 
     def materialization_metadata(self, result, table: str) -> dict:
         for event in result.get_asset_materialization_events():
@@ -84,7 +101,43 @@ class Lakehouse:
         raise AssertionError(f"{table} was not materialized")
 
 
+#: Columns that record when a row was ingested or a file landed: they differ between two runs of the
+#: same input.
+VOLATILE = ("ingested_at", "source_modified_at")
+
+
+def comparable_rows(df, ignore: tuple[str, ...] = ()) -> list[tuple]:
+    """A Spark DataFrame's rows, sorted, without the volatile columns and those in `ignore`."""
+    return normalized(df.drop(*[c for c in df.columns if c in (*VOLATILE, *ignore)]).collect())
+
+
+def normalized(rows) -> list[tuple]:
+    """Rows of any reader, sorted, in one form: timestamps in UTC without a zone, NaN comparable,
+    landed files' URIs relative to the data root."""
+    return sorted((tuple(_comparable(v) for v in row) for row in rows), key=repr)
+
+
+def delta_rs_rows(path, version: int | None = None, ignore: tuple[str, ...] = ()) -> list[tuple]:
+    """A Delta table's rows as delta-rs (no Spark) reads them, in the form of `comparable_rows`.
+
+    Delta stores timestamps in UTC; delta-rs gives them with their zone, Spark (session zone UTC)
+    without: they compare in UTC without a zone.
+    """
+    table = DeltaTable(str(path), version=version).to_pyarrow_table()
+    columns = [c for c in table.column_names if c not in (*VOLATILE, *ignore)]
+    return normalized(zip(*(table.column(c).to_pylist() for c in columns), strict=True) if columns else [])
+
+
+def assert_readers_agree(lakehouse: "Lakehouse", names) -> None:
+    """delta-rs reads each table's latest version with the rows Spark reads."""
+    for name in names:
+        spark_rows = comparable_rows(lakehouse.table(name))
+        assert delta_rs_rows(lakehouse.resource.table(name)) == spark_rows, name
+
+
 def _comparable(value):
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
     if isinstance(value, float) and value != value:
         return "NaN"  # NaN != NaN
     if isinstance(value, str) and value.startswith("file:"):

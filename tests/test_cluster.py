@@ -26,8 +26,8 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from heartbeat_assets.simulator import Faults, Simulator
-from resources import LakehouseResource, SparkSessionResource
-from resources.spark import LOCAL_DEFAULTS
+from resources import LakehouseResource, SparkSessionResource, delta_lake
+from resources.spark import LOCAL_DEFAULTS, connect_server_daemon
 from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
 
@@ -283,9 +283,13 @@ def connect_server(tmp_path_factory):
         SPARK_LOG_DIR=str(root / "logs"),
         SPARK_PID_DIR=str(root / "pids"),
         SPARK_IDENT_STRING="heartbeat-test",
+        SPARK_CONNECT_MODE="0",
     )
     server_conf = {
         **LOCAL_DEFAULTS,
+        # Delta Lake: its jars (as the resource resolves them) and its session extension.
+        "spark.jars": ",".join(delta_lake.delta_jars()),
+        **delta_lake.SESSION_SETTINGS,
         "spark.connect.grpc.binding.address": "127.0.0.1",
         "spark.connect.grpc.binding.port": str(port),
         "spark.ui.enabled": "false",
@@ -298,9 +302,10 @@ def connect_server(tmp_path_factory):
         "spark.eventLog.compress": "false",
     }
     (root / "events").mkdir()
-    command = [str(SPARK_HOME / "sbin" / "start-connect-server.sh"), "--master", "local[2]"]
+    options = ["--master", "local[2]"]
     for key, value in server_conf.items():
-        command += ["--conf", f"{key}={value}"]
+        options += ["--conf", f"{key}={value}"]
+    command = connect_server_daemon(str(SPARK_HOME), "submit", *options)
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
     def listening() -> bool:
@@ -310,7 +315,7 @@ def connect_server(tmp_path_factory):
         except OSError:
             return False
 
-    stop = [str(SPARK_HOME / "sbin" / "stop-connect-server.sh")]
+    stop = connect_server_daemon(str(SPARK_HOME), "stop")
     try:
         logs = sorted((root / "logs").glob("*.out"))
         if started.returncode != 0 or not wait_until(listening, 180):

@@ -1,7 +1,9 @@
 """Crash recovery: a run is SIGKILLed (with its JVM) at chosen points, then run again.
 
-Every table must then equal the tables of an uninterrupted run on the same input: no duplicate, no
-loss. Readers that ignore Spark (pyarrow over the folders) must see what Spark sees.
+Right after the crash, a reader other than Spark (delta-rs) sees only committed versions, each with
+the rows of the uninterrupted run's table at the same version: never half a batch. After the run
+again, every table equals the tables of an uninterrupted run on the same input: no duplicate, no
+loss.
 """
 
 import os
@@ -12,20 +14,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
+from deltalake import DeltaTable
 
 from heartbeat_assets.killpoints import KILL_AT_ENV
 from heartbeat_assets.simulator import Faults, Simulator
 from resources import TABLES
-from tests.conftest import Lakehouse
+from tests.conftest import Lakehouse, assert_readers_agree, delta_rs_rows, forget_delta_tables
 
 PROJECT = Path(__file__).resolve().parent.parent
 FAULTS = Faults(
     malformed=0.03, invalid_heartrate=0.03, duplicates=0.05, late=0.05, array_files=0.3, signal_gaps=0.3
 )
-# Columns that differ between two runs of the same input by design.
-VOLATILE = ("ingested_at", "source_modified_at")
 
 CHILD = """
 import sys
@@ -72,38 +72,40 @@ def prepared(tmp_path_factory, spark):
     shutil.copytree(base, reference_root, symlinks=True)
     reference = Lakehouse(reference_root, spark)
     reference.run()
-    return base, reference.contents(VOLATILE)
+    return base, reference
 
 
 def crash_and_recover(prepared, tmp_path, spark, point: str) -> None:
-    base, expected = prepared
+    base, reference = prepared
     root = tmp_path / "data"
     shutil.copytree(base, root, symlinks=True)
     killed_run(root, point)
     lakehouse = Lakehouse(root, spark)
-    assert_plain_readers_agree_with_spark(lakehouse)
+    assert_committed_versions_match(lakehouse, reference)
+    assert_readers_agree(lakehouse, TABLES)
     lakehouse.run()
-    assert lakehouse.contents(VOLATILE) == expected
-    assert_plain_readers_agree_with_spark(lakehouse)
+    assert lakehouse.contents() == reference.contents()
+    assert_readers_agree(lakehouse, TABLES)
+    forget_delta_tables()
 
 
-def assert_plain_readers_agree_with_spark(lakehouse: Lakehouse) -> None:
-    """pyarrow reads the folders with no knowledge of Spark: it must see the same rows."""
+def assert_committed_versions_match(crashed: Lakehouse, reference: Lakehouse) -> None:
+    """What delta-rs reads of each table after the crash is a version the uninterrupted run also
+    committed, with the same rows: the crash left no partial batch visible."""
     for table in TABLES:
-        path = lakehouse.resource.table(table)
-        if not path.exists():
-            continue
-        partitioning = "hive" if table == "silver/recordings" else None
-        arrow_rows = ds.dataset(str(path), format="parquet", partitioning=partitioning).count_rows()
-        assert arrow_rows == lakehouse.spark.read.parquet(str(path)).count(), table
+        path = crashed.resource.table(table)
+        version = DeltaTable(str(path)).version()
+        assert version <= DeltaTable(str(reference.resource.table(table))).version(), table
+        expected = delta_rs_rows(reference.resource.table(table), version)
+        assert delta_rs_rows(path, version) == expected, f"{table} at version {version}"
 
 
 # One point per kind of moment the recovery must handle; the randomized test covers the rest.
 CRASH_POINTS = [
-    "append:bronze/recordings:staged",  # while bronze writes a micro-batch
-    "batch:bronze/recordings:written",  # after a batch's files are written, before Spark commits it
-    "append:silver/recordings:moving",  # while silver moves a batch's files into place
-    "replace:gold/heartrate_by_patient:staged",  # while gold replaces its table
+    "write:bronze/recordings:uncommitted",  # while bronze writes a micro-batch's files
+    "write:bronze/recordings:committed",  # between the two tables a bronze micro-batch writes
+    "batch:silver/recordings:written",  # after a batch is written, before Spark commits it
+    "write:gold/heartrate_by_patient:uncommitted",  # while gold replaces its table
 ]
 
 
@@ -113,15 +115,15 @@ def test_crash_at_point_then_rerun_equals_uninterrupted(prepared, tmp_path, spar
 
 
 def reachable_points() -> list[str]:
-    """Every kill point a medallion run passes: appends in bronze and silver, replaces in silver/patients
-    and gold, and the end of every query's micro-batch."""
-    points = [f"batch:{table}:written" for table in TABLES if table != "bronze/recordings_quarantine"]
-    points.remove("batch:silver/recordings_quarantine:written")
-    for table in TABLES:
-        if table.startswith("gold/") or table == "silver/patients":
-            points += [f"replace:{table}:staged", f"replace:{table}:renamed"]
-        else:
-            points += [f"append:{table}:staged", f"append:{table}:moving"]
+    """Every kill point a medallion run passes: a write to each table (and to gold's aggregates)
+    before it commits, after each write made from Python (all but Delta's own streaming sink, which
+    writes bronze/patients and the aggregates), and the end of each `foreachBatch` micro-batch."""
+    aggregates = ["gold/daily_patient_avg:aggregate", "gold/device_signal_loss:aggregate"]
+    points = [f"write:{table}:uncommitted" for table in [*TABLES, *aggregates]]
+    points += [f"write:{table}:committed" for table in TABLES if table != "bronze/patients"]
+    points += [
+        f"batch:{query}:written" for query in ("bronze/recordings", "silver/patients", "silver/recordings")
+    ]
     return points
 
 

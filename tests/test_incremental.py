@@ -92,13 +92,13 @@ def test_a_query_that_did_not_complete_is_not_skipped(tmp_path, spark, monkeypat
     lakehouse.run()
     sim.land_recordings(files=2, records=40, wave=1)
 
-    import heartbeat_assets.gold as gold
+    from heartbeat_assets import tables
 
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure after silver")
 
     with monkeypatch.context() as patched:
-        patched.setattr(gold, "replace_table", fail)
+        patched.setattr(tables, "overwrite", fail)  # gold replaces its tables with it
         assert not lakehouse.run(raise_on_error=False).success
     rerun = materialized(lakehouse.run())
     assert not any(rerun[t].get("input_unchanged") for t in rerun if t.startswith("gold/"))

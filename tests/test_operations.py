@@ -9,6 +9,7 @@ from dagster import AssetSelection
 
 from heartbeat_assets.gold import DEVICE_SIGNAL_LOSS, HEARTRATE_BY_PATIENT
 from heartbeat_assets.simulator import Faults, Simulator
+from resources import TABLES
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle, snapshot_tables
 
@@ -120,15 +121,25 @@ def test_checkpoint_of_another_query_fails_with_the_remedy(after_two_waves):
     assert_gold_matches_oracle(lakehouse)
 
 
-def test_state_of_a_former_gold_query_is_removed(after_two_waves):
+def test_tables_of_the_parquet_era_fail_with_the_remedy_then_rebuild(after_two_waves):
+    """Before Delta Lake, every table was a plain Parquet folder: a run refuses to write into one,
+    saying what to do, and `full_refresh_bronze` rebuilds the lakehouse from its landing folders."""
     lakehouse = after_two_waves
-    # Before it was rolled up from the daily aggregate, heartrate_by_patient had a query of its own.
-    checkpoint = lakehouse.root / "checkpoints" / "gold" / "heartrate_by_patient"
-    shutil.copytree(checkpoint.parent / "daily_patient_avg", checkpoint, dirs_exist_ok=True)
-    Simulator(lakehouse.root, seed=4, patients=4, devices=4).land_recordings(files=1, records=50, wave=2)
-    lakehouse.run()
-    assert [p.name for p in checkpoint.iterdir()] == ["_input_mark"]
-    assert_gold_matches_oracle(lakehouse)
+    for table in TABLES:
+        path = lakehouse.resource.table(table)
+        plain = path.with_name(f"{path.name}-parquet")
+        lakehouse.table(table).write.parquet(str(plain))
+        shutil.rmtree(path)
+        plain.rename(path)
+    result = lakehouse.run(raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failures[0].event_specific_data.error.message
+    assert "no Delta table" in message and "full_refresh_bronze" in message, message
+    lakehouse.run(job_name="full_refresh_bronze")
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
+    assert all((lakehouse.resource.table(t) / "_delta_log").is_dir() for t in TABLES)
 
 
 def test_new_signal_loss_window_through_a_gold_refresh(after_two_waves):

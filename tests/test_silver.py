@@ -2,7 +2,14 @@
 
 from datetime import date, datetime
 
-from heartbeat_assets.silver import clean_recordings, current_patients, deduplicate, validate_recordings
+from heartbeat_assets import tables
+from heartbeat_assets.silver import (
+    clean_recordings,
+    current_patients,
+    deduplicate,
+    merge_patients,
+    validate_recordings,
+)
 
 LANDED = datetime(2024, 1, 2)
 BRONZE = (
@@ -105,9 +112,34 @@ def test_current_patients_newest_file_then_name_then_line_wins(spark):
         ],
         schema,
     )
-    assert sorted(tuple(r) for r in current_patients(rows).collect()) == [
+    assert sorted(tuple(r) for r in current_patients(rows).select("mrn", "name").collect()) == [
         (1, "Annie"),
         (2, "Bobby"),
         (3, "Cyrus"),
         (4, "Dee"),
+    ]
+
+
+def test_merging_batches_in_any_order_keeps_the_newest_row_of_each_patient(spark, tmp_path):
+    schema = (
+        "mrn string, name string, _extra string, source_file string, source_line int, "
+        "source_modified_at timestamp"
+    )
+    old, new = datetime(2024, 1, 1), datetime(2024, 1, 2)
+    newer = spark.createDataFrame(
+        [("1", "Annie", None, "file:/b.csv", 1, new), ("2", "Bob", None, "file:/b.csv", 2, new)], schema
+    )
+    older = spark.createDataFrame(
+        [("1", "Ann", None, "file:/a.csv", 1, old), ("3", "Cy", None, "file:/a.csv", 2, old)], schema
+    )
+    table = tmp_path / "patients"
+    tables.create_table(spark, table, current_patients(newer).schema)
+    merge_patients(newer, table, query_id="q", batch_id=0)
+    merge_patients(older, table, query_id="q", batch_id=1)  # a late file with an older name
+    merge_patients(newer, table, query_id="q", batch_id=0)  # a batch merged again changes nothing
+    dimension = spark.read.format("delta").load(str(table)).select("mrn", "name", "source_file")
+    assert sorted(tuple(r) for r in dimension.collect()) == [
+        (1, "Annie", "file:/b.csv"),
+        (2, "Bob", "file:/b.csv"),
+        (3, "Cy", "file:/a.csv"),
     ]

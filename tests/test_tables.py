@@ -1,100 +1,140 @@
-"""The idempotent batch writers behind exactly-once, and the atomic replace readers rely on."""
+"""The Delta writes behind exactly-once, the commits runs count from, and whole versions for readers."""
 
-import datetime
 import threading
 
-from heartbeat_assets.tables import append_batch, data_files, ensure_exists, read_lineage, replace_table
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from heartbeat_assets import tables
 
 
-def rows_of(spark, table):
-    return sorted(tuple(r) for r in spark.read.parquet(str(table)).collect())
+def rows_of(spark, table, version=None):
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return sorted(tuple(r) for r in reader.load(str(table)).collect())
 
 
-def test_append_batch_again_replaces_the_earlier_attempt(spark, tmp_path):
+def test_a_micro_batch_written_again_is_skipped(spark, tmp_path):
     table = tmp_path / "t"
+    tables.create_table(spark, table, spark.createDataFrame([], "id int, v string").schema)
     first = spark.createDataFrame([(1, "a"), (2, "b")], "id int, v string")
-    assert append_batch(first, table, batch_id=0) == 2
+    tables.append(first, table, query_id="q1", batch_id=0, metadata={"seen": 2})
     attempt = spark.createDataFrame([(3, "c")], "id int, v string")
-    append_batch(attempt, table, batch_id=1)
-    # Batch 1 runs again after a crash (with its full output this time): nothing doubles.
-    retry = spark.createDataFrame([(3, "c"), (4, "d")], "id int, v string")
-    assert append_batch(retry, table, batch_id=1) == 2
-    assert rows_of(spark, table) == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
-    assert not (table / "_staging" / "batch-1").exists()
+    tables.append(attempt, table, query_id="q1", batch_id=1, metadata={"seen": 1})
+    # Batch 1 runs again after a crash: its write is skipped, nothing doubles.
+    tables.append(attempt, table, query_id="q1", batch_id=1, metadata={"seen": 1})
+    never_run = spark.range(1).selectExpr("raise_error('a Spark job ran') AS id", "'x' AS v")
+    tables.append(never_run, table, query_id="q1", batch_id=0)  # skipped before it is computed
+    assert rows_of(spark, table) == [(1, "a"), (2, "b"), (3, "c")]
+    # Another query (a new checkpoint) writes its own batch 0.
+    tables.append(attempt, table, query_id="q2", batch_id=0)
+    assert len(rows_of(spark, table)) == 4
+
+    delta = DeltaTable(str(table))
+    assert delta.version() == 3  # the creation and three appends; the skipped writes made no commit
+    commits = tables.batch_commits(delta, "q1", [0, 1])
+    assert [c["userMetadata"] for c in commits] == [
+        {"seen": 2, "query": "q1", "batch": 0},
+        {"seen": 1, "query": "q1", "batch": 1},
+    ]
+    assert [int(c["operationMetrics"]["numOutputRows"]) for c in commits] == [2, 1]
+    assert tables.batch_commits(delta, "q1", [1]) == commits[1:]
 
 
-def test_append_batch_known_empty_runs_no_job_and_clears_an_earlier_attempt(spark, tmp_path):
+def test_commits_of_deltas_own_streaming_sink_are_found_by_batch(spark, tmp_path):
+    source = tmp_path / "source"
+    tables.create_table(spark, source, spark.createDataFrame([], "id long").schema)
+    sink = tmp_path / "sink"
+    for n in (3, 2):
+        spark.range(n).write.format("delta").mode("append").save(str(source))
+        query = (
+            spark.readStream.format("delta").load(str(source)).writeStream.format("delta")
+            .option("checkpointLocation", str(tmp_path / "checkpoint")).trigger(availableNow=True)
+            .start(str(sink))
+        )  # fmt: skip
+        query.awaitTermination()
+    batches = [p.batchId for p in query.recentProgress if "addBatch" in p.durationMs]
+    (commit,) = tables.batch_commits(DeltaTable(str(sink)), query.id, batches)
+    assert int(commit["operationMetrics"]["numOutputRows"]) == 2
+    assert tables.batch_commits(DeltaTable(str(sink)), "another query", batches) == []
+
+
+def test_a_split_batch_records_its_numbers_and_writes_the_quarantine_only_when_needed(spark, tmp_path):
+    kept, quarantine = tmp_path / "kept", tmp_path / "quarantine"
+    for path in (kept, quarantine):
+        tables.create_table(spark, path, spark.createDataFrame([], "id long").schema)
+
+    def split(batch_id, rows):
+        batch = spark.range(rows).withColumn("bad", F.col("id") >= 3)
+        tables.append_split(
+            batch, query_id="q", batch_id=batch_id, rejected=F.col("bad"),
+            kept_to=(kept, ["id"]), rejected_to=(quarantine, ["id"]), numbers={"read": F.count("*")},
+        )  # fmt: skip
+
+    split(0, 3)  # nothing rejected
+    split(1, 5)
+    assert DeltaTable(str(quarantine)).version() == 1  # its creation, and batch 1
+    (commit,) = tables.batch_commits(DeltaTable(str(quarantine)), "q", [0, 1])
+    assert commit["userMetadata"] == {"query": "q", "batch": 1}
+    assert [c["userMetadata"]["read"] for c in tables.batch_commits(DeltaTable(str(kept)), "q", [0, 1])] == [
+        3,
+        5,
+    ]
+    assert rows_of(spark, kept) == [(0,), (0,), (1,), (1,), (2,), (2,)]
+    assert rows_of(spark, quarantine) == [(3,), (4,)]
+
+
+def test_tables_are_created_once_readable_by_delta_rs(spark, tmp_path):
     table = tmp_path / "t"
-    rows = spark.createDataFrame([(1, "a")], "id int, v string")
-    append_batch(rows, table, batch_id=0)
-    append_batch(rows, table, batch_id=1)  # an earlier attempt of batch 1 ...
-    (table / "_staging" / "rows-b000000000001").mkdir(parents=True)  # ... that crashed while staging
-    never_run = spark.range(1).selectExpr("raise_error('a Spark job ran') AS id")  # fails if computed
-    assert append_batch(never_run, table, batch_id=1, known_empty=True) == 0
-    assert rows_of(spark, table) == [(1, "a")]
-    assert not (table / "_staging" / "rows-b000000000001").exists()
+    schema = spark.createDataFrame([], "id int, day date").schema
+    tables.create_table(spark, table, schema, ["day"], tables.retention_properties(3))
+    tables.create_table(spark, table, schema, ["day"])  # exists: no second commit
+    delta = DeltaTable(str(table))
+    assert delta.version() == 0 and delta.metadata().partition_columns == ["day"]
+    # The basic protocol (no table features such as deletion vectors) that every reader supports.
+    protocol = delta.protocol()
+    assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)
+    assert protocol.reader_features is None
+    assert delta.metadata().configuration == {
+        "delta.enableDeletionVectors": "false",
+        "delta.logRetentionDuration": "interval 3 days",
+        "delta.deletedFileRetentionDuration": "interval 3 days",
+    }
+    assert tables.identity(delta) == f"{delta.metadata().id}@0"
+    assert tables.load(tmp_path / "none") is None and tables.identity(None) is None
 
 
-def test_append_batch_partitioned_and_empty(spark, tmp_path):
-    table = tmp_path / "t"
-    schema = "id int, day string"
-    assert append_batch(spark.createDataFrame([], schema), table, 0, partition_by=["day"]) == 0
-    assert data_files(table) == []
-    append_batch(spark.createDataFrame([(1, "x"), (2, "y")], schema), table, 1, partition_by=["day"])
-    append_batch(spark.createDataFrame([], schema), table, 2, partition_by=["day"])
-    assert rows_of(spark, table) == [(1, "x"), (2, "y")]
-    assert sorted(p.parent.name for p in data_files(table)) == ["day=x", "day=y"]
-
-
-def test_a_table_without_rows_exists_with_its_schema_until_rows_arrive(spark, tmp_path):
-    table = tmp_path / "t"
-    schema = "id int, day date"
-    ensure_exists(spark.createDataFrame([], schema), table, partition_by=["day"])
-    assert spark.read.parquet(str(table)).schema.simpleString() == "struct<id:int,day:date>"
-    assert spark.read.parquet(str(table)).count() == 0
-    ensure_exists(spark.createDataFrame([], schema), table, partition_by=["day"])  # no second file
-    assert len(data_files(table)) == 1
-    day = datetime.date(2024, 5, 1)
-    append_batch(spark.createDataFrame([(1, day)], schema), table, 0, partition_by=["day"])
-    assert [p.parent.name for p in data_files(table)] == ["day=2024-05-01"]
-    assert sorted(p.name for p in table.iterdir() if not p.name.startswith("_")) == ["day=2024-05-01"]
-
-    plain = tmp_path / "plain"
-    ensure_exists(spark.createDataFrame([], "id int"), plain)
-    replace_table(spark.createDataFrame([(5,)], "id int"), plain, {})
-    assert rows_of(spark, plain) == [(5,)] and len(data_files(plain)) == 1
-
-
-def test_replace_table_is_never_missing_empty_or_partial_for_a_reader(spark, tmp_path):
-    """A reader polling the table during replacements gets the old or the new table, whole.
-
-    pyarrow looks up a file's size, then opens it by path; if the rename lands in between it reads the
-    new file with the old size and raises (documented in the README). It never returns rows of a
-    missing, empty or half-written table.
-    """
-    import pyarrow.parquet as pq
-
+def test_a_reader_polling_a_replaced_table_sees_whole_versions_only(spark, tmp_path):
+    """delta-rs reads the table again and again while Spark replaces it: every read is one committed
+    version, whole (never empty, missing, or a mix of two)."""
     table = tmp_path / "gold"
-    sizes = [1000, 3000]
-    replace_table(spark.range(sizes[0]).toDF("id"), table, {"v": 0})
+    versions = {0: 1000, 1: 3000}  # rows of the two alternating contents, told apart by their ids
+    tables.create_table(spark, table, spark.range(0).schema)
+    tables.overwrite(spark.range(versions[0]), table, {"v": 0})
     seen, errors, stop = [], [], threading.Event()
 
     def reader():
         while not stop.is_set():
             try:
-                seen.append(pq.read_table(str(table)).num_rows)
-            except (OSError, ValueError) as exc:  # a torn read raises, it never returns rows
+                ids = DeltaTable(str(table)).to_pyarrow_table().column("id").to_pylist()
+            except Exception as exc:  # noqa: BLE001 (a failed read is counted, never rows)
                 errors.append(exc)
+                continue
+            seen.append(sorted(ids))
 
     thread = threading.Thread(target=reader)
     thread.start()
     try:
         for version in range(1, 9):
-            replace_table(spark.range(sizes[version % 2]).toDF("id"), table, {"v": version})
+            tables.overwrite(spark.range(versions[version % 2]), table, {"v": version})
     finally:
         stop.set()
         thread.join()
-    assert seen and set(seen) <= set(sizes)
-    assert len(errors) <= len(seen) // 10, errors[:3]
-    assert read_lineage(table) == {"v": 8, "rows": 1000}
-    assert [p.name for p in data_files(table)] == ["part-00000.parquet"]
+    wholes = [list(range(n)) for n in versions.values()]
+    assert seen and all(ids in wholes for ids in seen)
+    assert not errors, errors[:3]
+    assert tables.last_commit(DeltaTable(str(table)))["userMetadata"] == {"v": 8}
+    # Every version stays readable (time travel), until the retention lets VACUUM remove it.
+    assert len(rows_of(spark, table, version=1)) == versions[0]  # version 0 is the empty table's creation
+    assert len(rows_of(spark, table, version=2)) == versions[1]
