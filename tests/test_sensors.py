@@ -204,4 +204,5 @@ def test_patients_sensor_and_definitions_wire_up(tmp_path):
     defs = build_definitions(lakehouse=lakehouse)
     assert {s.name for s in defs.sensors} == {"recordings_landing_sensor", "patients_landing_sensor"}
     assert defs.resolve_job_def("medallion") is not None
-    assert [s.name for s in defs.schedules] == ["hourly_medallion"]
+    assert [s.name for s in defs.schedules] == ["hourly_medallion", "daily_maintenance"]
+    assert defs.resolve_job_def("lakehouse_maintenance") is not None
