@@ -16,14 +16,14 @@ $(BIN)/dagster: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[bench]"
-	$(BIN)/python -m resources.delta_lake
+	$(BIN)/heartbeat-delta-jars
 	touch $@
 
 $(DEV_BIN)/pytest: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_BIN)/pip install --quiet --upgrade pip
 	$(DEV_BIN)/pip install --quiet -e ".[dev]"
-	$(DEV_BIN)/python -m resources.delta_lake
+	$(DEV_BIN)/heartbeat-delta-jars
 	touch $@
 
 ## Land the sample files, run the medallion job on local Spark, print the gold tables.

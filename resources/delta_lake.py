@@ -8,7 +8,7 @@ time, in a short-lived JVM of its own; the list of jars is then kept, so a sessi
 Spark already ships (Hadoop, Parquet, Jackson, log4j, ...) are left out: an older copy on the class
 path would only shadow or duplicate them.
 
-    python -m resources.delta_lake      # fetch the jars now (the install step does)
+    heartbeat-delta-jars      # fetch the jars now (the install step does)
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _resolve(settings: dict[str, str]) -> list[str]:
         raise DeltaJarsUnavailable(
             f"Could not fetch Delta Lake's jars ({PACKAGE}) from Maven Central: {detail}. They are "
             "downloaded once, into Ivy's cache (~/.ivy2.5.2): connect this machine to Maven Central "
-            "and run `python -m resources.delta_lake` (or any run) again, or point Spark at a mirror "
+            "and run `heartbeat-delta-jars` (or any run) again, or point Spark at a mirror "
             'with HEARTBEAT_SPARK_CONF=\'{"spark.jars.repositories": "https://your.mirror/maven2"}\'.'
         )
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -114,12 +114,17 @@ def _artifact(jar_name: str) -> str:
     return re.sub(r"-\d[\w.\-]*\.jar$", "", jar_name)
 
 
+def main() -> None:
+    """`heartbeat-delta-jars`: resolve the jars now and say where they are."""
+    try:
+        found = delta_jars()
+    except DeltaJarsUnavailable as exc:
+        sys.exit(str(exc))
+    print(f"Delta Lake {DELTA_VERSION}: {len(found)} jars beside pyspark's, in {Path(found[0]).parent}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--resolve"]:
         _resolve_here(json.loads(sys.argv[2]))
     else:
-        try:
-            found = delta_jars()
-        except DeltaJarsUnavailable as exc:
-            sys.exit(str(exc))
-        print(f"Delta Lake {DELTA_VERSION}: {len(found)} jars beside pyspark's, in {Path(found[0]).parent}")
+        main()

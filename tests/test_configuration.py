@@ -49,6 +49,30 @@ def test_no_java_says_how_to_install_it(monkeypatch):
         build_spark_session({"spark.master": "local[1]"})
 
 
+def test_delta_jars_without_a_reachable_repository_say_what_to_do(tmp_path, monkeypatch):
+    """First use on a machine that cannot reach Maven Central: the run fails, saying what to do."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no jars resolved before
+    settings = tmp_path / "ivysettings.xml"  # the only repository refuses connections
+    settings.write_text(
+        '<ivysettings><settings defaultResolver="dead"/><resolvers>'
+        '<ibiblio name="dead" m2compatible="true" root="http://127.0.0.1:9/maven2/"/>'
+        "</resolvers></ivysettings>"
+    )
+    resource = SparkSessionResource(
+        lakehouse=LakehouseResource(data_dir=str(tmp_path / "data")),
+        spark_config={"spark.jars.ivySettings": str(settings), "spark.jars.ivy": str(tmp_path / "ivy")},
+    )
+    with pytest.raises(
+        Failure,
+        match=r"(?s)Could not fetch Delta Lake's jars \(io\.delta:delta-spark.*"
+        r"unresolved dependency.*heartbeat-delta-jars.*spark\.jars\.repositories",
+    ):
+        resource.session_config()
+    assert not (tmp_path / "cache" / "heartbeat-lakehouse").exists() or not any(
+        (tmp_path / "cache" / "heartbeat-lakehouse").iterdir()
+    ), "a failed resolution must not be remembered"
+
+
 def test_spark_config_defaults_and_overrides():
     resource = SparkSessionResource(
         lakehouse=LakehouseResource(data_dir="/tmp"),
