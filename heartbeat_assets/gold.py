@@ -227,8 +227,15 @@ class GoldAggregate:
             if self._snapshot is None:
                 table = tables.load(self.path)
                 reader = spark.read.format("delta").option("versionAsOf", table.version())
-                self._snapshot = (tables.identity(table), reader.load(str(self.path)))
+                # Cached: its tables and checks read it several times, and each read of a Delta
+                # version costs Spark jobs (the log's state, the files to scan) before the rows.
+                self._snapshot = (tables.identity(table), reader.load(str(self.path)).persist())
             return self._snapshot
+
+    def release(self) -> None:
+        """Drop this step's cached snapshot."""
+        if self._snapshot is not None:
+            self._snapshot[1].unpersist()
 
     def counted_rows(self, patients: DataFrame) -> tuple[int, int]:
         """(rows counted for the known `patients`, all rows counted) in this step's `snapshot`; one
@@ -261,8 +268,19 @@ class Patients:
         self.version = table.version() if table is not None else None
         self.identity = tables.identity(table)
 
+        self._lock = threading.Lock()
+        self._rows: DataFrame | None = None
+
     def read(self, spark: SparkSession) -> DataFrame:
-        return silver.read_patients(spark, self.lakehouse, self.version)
+        """The patients at this step's version, read once and cached for every table and check."""
+        with self._lock:
+            if self._rows is None:
+                self._rows = silver.read_patients(spark, self.lakehouse, self.version).persist()
+            return self._rows
+
+    def release(self) -> None:
+        if self._rows is not None:
+            self._rows.unpersist()
 
 
 class GoldTable:
@@ -340,6 +358,9 @@ class GoldTable:
             if self.patients is not None:
                 counted = Observation()
                 table = table.observe(counted, F.sum("count").alias("in_gold"))
+            # The rows of the version written, computed once: its preview and checks read them
+            # rather than the new version (each Delta read costs jobs of its own).
+            table = self.written = table.persist()
             with watch_writes({self.name: self.path}):
                 tables.overwrite(table, self.path, {"inputs": inputs})
             if self.patients is not None:
@@ -347,8 +368,9 @@ class GoldTable:
             if landed:  # seconds from the newest recording file landing (as bronze saw it)
                 metadata["landing_to_gold_latency_s"] = round(time.time() - landed, 3)
         metadata.update(table_metadata(self.path))
-        self.written = spark.read.format("delta").option("versionAsOf", metadata["delta_version"])
-        self.written = self.written.load(str(self.path))
+        if not self.rebuilt:
+            self.written = spark.read.format("delta").option("versionAsOf", metadata["delta_version"])
+            self.written = self.written.load(str(self.path))
         if self.lakehouse.table_previews:
             metadata["preview"] = MetadataValue.md(markdown_preview(self.written))
         return MaterializeResult(asset_key=self.key, metadata=metadata)
@@ -362,6 +384,11 @@ class GoldTable:
             results.append(self._new_alerts_check(self._rows_not_in_previous_version()))
         self.watch.record()
         return results
+
+    def release(self) -> None:
+        """Drop the rows `update` cached."""
+        if getattr(self, "written", None) is not None:
+            self.written.unpersist()
 
     def _new_alerts_check(self, new_alerts: list[tuple]) -> AssetCheckResult:
         return AssetCheckResult(
@@ -517,6 +544,15 @@ def gold(
     """Bring the selected gold tables up to date. Their queries run at the same time: each is small,
     and one after another they would leave the cores idle between Spark jobs."""
     selected = [t for t in gold_tables(context, config, lakehouse) if t.key in context.selected_asset_keys]
+    try:
+        yield from _update_and_check(context, selected, spark)
+    finally:  # the rows this step cached: each table's, its aggregate's, the patients'
+        cached = {id(s): s for t in selected for s in (t, t.aggregate, t.patients) if s is not None}
+        for source in cached.values():
+            source.release()
+
+
+def _update_and_check(context: AssetExecutionContext, selected: list[GoldTable], spark: SparkSessionResource):
     to_build, failed = [], []
     for table in selected:
         try:
