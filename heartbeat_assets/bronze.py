@@ -15,6 +15,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from heartbeat_assets import checks, tables
+from heartbeat_assets.batch_writers import split_writer
 from heartbeat_assets.streaming import (
     InputWatch,
     prepare_table,
@@ -358,29 +359,20 @@ def bronze_recordings(
     )
     rejected = record_rejected_files(session, landing / REJECTED_FOLDER, quarantine_table)
 
-    def write_batch(elements: DataFrame, batch_id: int, query_id: str) -> None:
-        # Parsed once, into the cache. Only quarantined elements keep their raw text there: the
-        # recordings table has no use for it, and it is most of the bytes.
-        elements = elements.withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))).persist()
-        try:
-            tables.append_split(
-                elements, query_id=query_id, batch_id=batch_id, rejected=F.col("reason").isNotNull(),
-                kept_to=(recordings_table, RECORDING_COLUMNS),
-                rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
-                numbers={
-                    "elements_read": F.count("*"),
-                    "max:newest_file_modified_at": F.unix_micros(F.max("source_modified_at")) / 1e6,
-                },
-            )  # fmt: skip
-        finally:
-            elements.unpersist()
-
     report = run_available_now(
         elements,
         name="bronze/recordings",
         checkpoint=checkpoint,
         writes={"bronze/recordings": recordings_table, "bronze/recordings_quarantine": quarantine_table},
-        write_batch=write_batch,
+        write_batch=split_writer(
+            kept_to=(recordings_table, RECORDING_COLUMNS),
+            rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
+            numbers={
+                "elements_read": F.count("*"),
+                "max:newest_file_modified_at": F.unix_micros(F.max("source_modified_at")) / 1e6,
+            },
+            raw_of_rejected_only=True,
+        ),
     )
     read = report.count("elements_read")
     written = report.rows_written("bronze/recordings")

@@ -20,8 +20,6 @@ from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
-from resources import jvm
-
 KILL_AT_ENV = "HEARTBEAT_KILL_AT"
 _passed: dict[str, int] = {}
 
@@ -39,6 +37,8 @@ def kill_point(name: str) -> None:
 
 
 def _kill() -> None:
+    from resources import jvm  # (imports Dagster: not for a Spark Connect worker)
+
     if jvm.attached_jvm_pid:
         os.kill(jvm.attached_jvm_pid, signal.SIGKILL)
     os.killpg(os.getpgrp(), signal.SIGKILL)

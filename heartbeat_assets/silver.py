@@ -1,15 +1,16 @@
 """Silver: the current patient dimension, and valid, deduplicated recordings with the patient's name."""
 
-import json
-from pathlib import Path
-
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, Config, asset, multi_asset
 from pydantic import Field
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from heartbeat_assets import bronze, checks, tables
-from heartbeat_assets.killpoints import kill_point
+from heartbeat_assets import bronze, checks
+from heartbeat_assets.batch_writers import (
+    current_patients,
+    patients_merger,
+    split_writer,
+)
 from heartbeat_assets.streaming import (
     InputWatch,
     prepare_table,
@@ -33,50 +34,6 @@ QUARANTINE_COLUMNS = [
 PATIENTS = AssetKey(["silver", "patients"])
 RECORDINGS = AssetKey(["silver", "recordings"])
 RECORDINGS_QUARANTINE = AssetKey(["silver", "recordings_quarantine"])
-
-
-#: Columns of silver/patients: the patient, and the bronze row the name comes from.
-PATIENT_COLUMNS = ["mrn", "name", "source_modified_at", "source_file", "source_line"]
-
-
-def current_patients(bronze_patients: DataFrame) -> DataFrame:
-    """One row per mrn with its latest name: the newest file (modification time, then name) wins,
-    and within a file the last line. Rows without a numeric mrn or a name are left out. The row's
-    source (`source_modified_at`, `source_file`, `source_line`) is kept: it orders the rows."""
-    valid = bronze_patients.where(
-        F.col("mrn").rlike("^[0-9]{1,18}$") & (F.col("name") != "") & F.col("_extra").isNull()
-    )
-    newest = F.max_by(F.struct(*PATIENT_COLUMNS[1:]), F.struct(*PATIENT_COLUMNS[2:]))
-    return (
-        valid.groupBy(F.col("mrn").cast("bigint").alias("mrn"))
-        .agg(newest.alias("_newest"))
-        .select("mrn", "_newest.*")
-    )
-
-
-#: A patient row replaces the dimension's when it comes from a newer source (the order of
-#: `current_patients`): merging batch after batch gives the newest row over all of them.
-MERGE_NEWEST = (
-    "MERGE INTO {table} AS t USING {batch} AS s ON t.mrn = s.mrn "
-    "WHEN MATCHED AND struct(s.source_modified_at, s.source_file, s.source_line) "
-    "> struct(t.source_modified_at, t.source_file, t.source_line) THEN UPDATE SET * "
-    "WHEN NOT MATCHED THEN INSERT *"
-)
-
-
-def merge_patients(batch: DataFrame, table: Path, query_id: str, batch_id: int) -> None:
-    """Fold a micro-batch of bronze patient rows into the dimension with one MERGE (idempotent: a
-    batch merged again changes nothing). Its commit records the batch, like `tables.append`."""
-    session = batch.sparkSession
-    current_patients(batch).createOrReplaceTempView("patients_batch")
-    session.conf.set(
-        "spark.databricks.delta.commitInfo.userMetadata", json.dumps({"query": query_id, "batch": batch_id})
-    )
-    try:
-        session.sql(MERGE_NEWEST.format(table=tables.sql_name(table), batch="patients_batch"))
-    finally:
-        session.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-    kill_point("write:silver/patients:committed")
 
 
 def validate_recordings(
@@ -215,7 +172,7 @@ def silver_patients(
         name="silver/patients",
         checkpoint=checkpoint,
         writes={"silver/patients": table},
-        write_batch=lambda batch, batch_id, query_id: merge_patients(batch, table, query_id, batch_id),
+        write_batch=patients_merger(table),
     )
     merged = report.operations.get("silver/patients", {})
     inserted, updated = merged.get("numTargetRowsInserted", 0), merged.get("numTargetRowsUpdated", 0)
@@ -276,26 +233,16 @@ def silver_recordings(
     quarantine_table = prepare_table(
         session, lakehouse, "silver/recordings_quarantine", quarantine, fresh=fresh
     )
-    numbers = quality_numbers(config.min_time, config.max_clock_skew_s)
-
-    def write_batch(batch: DataFrame, batch_id: int, query_id: str) -> None:
-        batch = batch.persist()
-        try:
-            tables.append_split(
-                batch, query_id=query_id, batch_id=batch_id, rejected=F.col("reason").isNotNull(),
-                kept_to=(recordings_table, RECORDING_COLUMNS),
-                rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
-                numbers=numbers,
-            )  # fmt: skip
-        finally:
-            batch.unpersist()
-
     report = run_available_now(
         cleaned,
         name="silver/recordings",
         checkpoint=checkpoint,
         writes={"silver/recordings": recordings_table, "silver/recordings_quarantine": quarantine_table},
-        write_batch=write_batch,
+        write_batch=split_writer(
+            kept_to=(recordings_table, RECORDING_COLUMNS),
+            rejected_to=(quarantine_table, QUARANTINE_COLUMNS),
+            numbers=quality_numbers(config.min_time, config.max_clock_skew_s),
+        ),
     )
     written = report.rows_written("silver/recordings")
     quarantined = report.rows_written("silver/recordings_quarantine")

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +33,8 @@ from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 
 from heartbeat_assets import checks, tables
-from heartbeat_assets.killpoints import kill_point, watch_writes
-
-#: Writes micro-batch `batch_id` of the query with id `query_id`, e.g. with `tables.append`.
-BatchWriter = Callable[[DataFrame, int, str], None]
+from heartbeat_assets.batch_writers import BatchWriter, foreach_batch
+from heartbeat_assets.killpoints import watch_writes
 
 
 @dataclass
@@ -105,12 +102,7 @@ def run_available_now(
         ((_, sink),) = writes.items()
         writer = writer.format("delta")
     else:
-
-        def on_batch(batch_df: DataFrame, batch_id: int) -> None:
-            write_batch(batch_df, batch_id, micro_batch_query_id(batch_df, query_name))
-            kill_point(f"batch:{name}:written")  # written, but Spark has not committed the batch
-
-        writer = writer.foreachBatch(on_batch)
+        writer = writer.foreachBatch(foreach_batch(write_batch, name))
     started = time.monotonic()
     try:
         with watch_writes(writes):
@@ -149,18 +141,6 @@ def _add_commits(report: QueryReport, table: str, commits: list[dict]) -> None:
                 report.maxima[metric] = max(float(value), report.maxima.get(metric, float(value)))
             else:
                 report.counts[key] = report.counts.get(key, 0) + int(value)
-
-
-def micro_batch_query_id(batch: DataFrame, query_name: str) -> str:
-    """The id of the streaming query whose micro-batch `batch` is: the same across restarts from one
-    checkpoint, and new with a new checkpoint (so a rebuilt table's batches are not taken for old ones)."""
-    session = batch.sparkSession
-    context = getattr(session, "_sc", None)
-    if context is not None:  # the micro-batch's thread in the driver knows its query
-        return context.getLocalProperty("sql.streaming.queryId")
-    # Spark Connect: the writer runs in a worker attached to the query's session on the server.
-    (query,) = [q for q in session.streams.active if q.name == query_name]
-    return query.id
 
 
 # Errors Spark raises when a checkpoint was written by a different query (another plan, state schema

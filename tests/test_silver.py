@@ -3,13 +3,8 @@
 from datetime import date, datetime
 
 from heartbeat_assets import tables
-from heartbeat_assets.silver import (
-    clean_recordings,
-    current_patients,
-    deduplicate,
-    merge_patients,
-    validate_recordings,
-)
+from heartbeat_assets.batch_writers import current_patients, merge_patients
+from heartbeat_assets.silver import clean_recordings, deduplicate, validate_recordings
 
 LANDED = datetime(2024, 1, 2)
 BRONZE = (
