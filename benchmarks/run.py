@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from heartbeat_assets.simulator import Simulator
-from resources.jvm import default_cache_dir, listening, stop_warm_drivers, warm_driver_keepers
+from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keepers
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -258,49 +258,15 @@ def bench_sensor_tick(root: Path, args, results: dict) -> None:
 
 @contextmanager
 def connect_server(root: Path):
-    """A warm Spark Connect server on 127.0.0.1 (pyspark's own script), with the resource's defaults."""
-    import pyspark
+    """A warm Spark Connect server on 127.0.0.1, as `make ui` starts it (`heartbeat-connect-server`)."""
+    from resources import connect_server as server
 
-    from resources import delta_lake
-    from resources.spark import LOCAL_DEFAULTS, connect_server_daemon
-
-    spark_home = Path(pyspark.__file__).parent
-    port = _free_port()
-    env = {
-        **os.environ,
-        "SPARK_HOME": str(spark_home),
-        "PYSPARK_PYTHON": sys.executable,  # the foreachBatch writers import this project
-        "SPARK_LOG_DIR": str(root / "connect-logs"),
-        "SPARK_PID_DIR": str(root / "connect-pids"),
-        "SPARK_IDENT_STRING": "heartbeat-bench",
-        "SPARK_CONNECT_MODE": "0",
-    }
-    options = ["--master", "local[*]"]
-    # The driver JVM options and heap are tuned for a run's driver on a laptop; a server keeps the JVM's
-    # own (with C1 only and its smaller code cache, the server's code sweeper had used 69 s of CPU
-    # by the end of the landings).
-    per_run_jvm = ("spark.driver.extraJavaOptions", "spark.driver.memory")
-    conf = {**{k: v for k, v in LOCAL_DEFAULTS.items() if k not in per_run_jvm},
-            "spark.jars": ",".join(delta_lake.delta_jars()), **delta_lake.SESSION_SETTINGS,
-            "spark.connect.grpc.binding.address": "127.0.0.1",
-            "spark.connect.grpc.binding.port": port, "spark.ui.enabled": "false"}  # fmt: skip
-    for key, value in conf.items():
-        options += ["--conf", f"{key}={value}"]
-    command = connect_server_daemon(str(spark_home), "submit", *options)
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
-    (pid_file,) = (root / "connect-pids").glob("*.pid")
-    server = psutil.Process(int(pid_file.read_text()))
+    port = int(_free_port())
+    url = server.start(port)
     try:
-        _wait(lambda: listening(int(port)), 120, "the Spark Connect server")
-        yield f"sc://127.0.0.1:{port}"
+        yield url
     finally:
-        subprocess.run(connect_server_daemon(str(spark_home), "stop"), env=env, timeout=120)
-        try:  # the stop script only sends SIGTERM; a server that outlives it is killed
-            server.wait(timeout=30)
-        except psutil.TimeoutExpired:
-            server.kill()
-        except psutil.NoSuchProcess:
-            pass
+        server.stop(port)
 
 
 def bench_latency(root: Path, args, results: dict, remote: str | None = None) -> None:

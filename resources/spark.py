@@ -119,20 +119,6 @@ WARM_DRIVER_DEFAULTS: dict[str, str] = {
     "spark.sql.streaming.ui.retainedQueries": "20",
 }
 
-#: The Spark Connect server's default port.
-CONNECT_DEFAULT_PORT = 15002
-#: The Spark Connect server's main class. pyspark 4.2's wheel has no `sbin/start-connect-server.sh`,
-#: which only hands this class to `sbin/spark-daemon.sh` (the wheel has that).
-CONNECT_SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
-
-
-def connect_server_daemon(spark_home: str, action: str, *options: str) -> list[str]:
-    """The command that starts (`submit`, with spark-submit's `options`) or stops (`stop`) a Spark
-    Connect server in the background, as `start-connect-server.sh` and `stop-connect-server.sh` do.
-    Run it with `SPARK_HOME` set, and `SPARK_CONNECT_MODE=0` (the server itself is a classic driver)."""
-    command = [os.path.join(spark_home, "sbin", "spark-daemon.sh"), action, CONNECT_SERVER_CLASS, "1"]
-    return command + (["--name", "Spark Connect server", *options] if action == "submit" else [])
-
 
 class SparkSessionResource(LazyPySparkResource):
     """One SparkSession per run, built on dagster-pyspark's `LazyPySparkResource`.
@@ -480,8 +466,10 @@ def build_connect_session(url: str, config: dict[str, str]):
             f"Spark Connect needs its client libraries ({exc}). Install them with "
             "`pip install -e '.[connect]'` (the `connect` extra of this project)."
         ) from exc
+    from resources.connect_server import DEFAULT_PORT
+
     parsed = urlparse(url.split(";", 1)[0])
-    host, port = parsed.hostname or "localhost", parsed.port or CONNECT_DEFAULT_PORT
+    host, port = parsed.hostname or "localhost", parsed.port or DEFAULT_PORT
     try:
         socket.create_connection((host, port), timeout=10).close()
     except OSError as exc:

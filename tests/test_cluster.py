@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from dagster import AssetKey, DagsterInstance
 
 from heartbeat_assets.simulator import Faults, Simulator
 from resources import LakehouseResource, SparkSessionResource, delta_lake
-from resources.spark import LOCAL_DEFAULTS, connect_server_daemon
+from resources import connect_server as connect_server_process
+from resources.spark import LOCAL_DEFAULTS
 from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
 
@@ -275,57 +275,33 @@ def test_medallion_on_a_standalone_cluster(standalone_cluster, landed, local_gol
 
 @pytest.fixture(scope="module")
 def connect_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("connect")
+    events = tmp_path_factory.mktemp("connect") / "events"
+    events.mkdir()
     port = free_port()
-    # spark-daemon.sh keeps its pid file and log here; PYSPARK_PYTHON runs the foreachBatch writers,
-    # which import this project.
-    env = spark_env(
-        SPARK_LOG_DIR=str(root / "logs"),
-        SPARK_PID_DIR=str(root / "pids"),
-        SPARK_IDENT_STRING="heartbeat-test",
-        SPARK_CONNECT_MODE="0",
-    )
     server_conf = {
         **LOCAL_DEFAULTS,
         # Delta Lake: its jars (as the resource resolves them) and its session extension.
         "spark.jars": ",".join(delta_lake.delta_jars()),
         **delta_lake.SESSION_SETTINGS,
-        "spark.connect.grpc.binding.address": "127.0.0.1",
-        "spark.connect.grpc.binding.port": str(port),
+        "spark.master": "local[2]",
         "spark.ui.enabled": "false",
         "spark.sql.shuffle.partitions": "2",
         # It serves one test's few queries, as a run's own JVM serves one run.
         "spark.driver.extraJavaOptions": ONE_RUN_JAVA_OPTIONS,
         # The server's record of the streaming queries it ran.
         "spark.eventLog.enabled": "true",
-        "spark.eventLog.dir": (root / "events").as_uri(),
+        "spark.eventLog.dir": events.as_uri(),
         "spark.eventLog.compress": "false",
     }
-    (root / "events").mkdir()
-    options = ["--master", "local[2]"]
-    for key, value in server_conf.items():
-        options += ["--conf", f"{key}={value}"]
-    command = connect_server_daemon(str(SPARK_HOME), "submit", *options)
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-
-    def listening() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-            return True
-        except OSError:
-            return False
-
-    stop = connect_server_daemon(str(SPARK_HOME), "stop")
     try:
-        logs = sorted((root / "logs").glob("*.out"))
-        if started.returncode != 0 or not wait_until(listening, 180):
-            pytest.skip(
-                "the Spark Connect server did not start: "
-                f"{started.stdout}{started.stderr}{tail(logs[0]) if logs else ''}"
-            )
-        yield f"sc://127.0.0.1:{port}", root / "events"
+        url = connect_server_process.start(port, server_conf)
+    except RuntimeError as exc:
+        connect_server_process.stop(port)
+        pytest.skip(f"the Spark Connect server did not start: {exc}")
+    try:
+        yield url, events
     finally:
-        subprocess.run(stop, env=env, capture_output=True, timeout=120)
+        connect_server_process.stop(port)
 
 
 def streaming_queries_run(event_log_dir: Path) -> set[str]:
@@ -353,3 +329,19 @@ def test_medallion_through_spark_connect(connect_server, landed, local_gold, tmp
     }  # fmt: skip
     assert_counts_reported(instance)
     assert_gold_as_local_and_oracle(data, spark, local_gold)
+
+
+def test_connect_server_launcher_serves_a_command_and_stops_with_it(tmp_path):
+    """`heartbeat-connect-server run -- CMD`: the server listens while CMD runs, CMD is told where it
+    is, and the server is gone when CMD ends (as `dagster dev` would end)."""
+    port = free_port()
+    probe = (
+        "import os, socket; url = os.environ['HEARTBEAT_SPARK_REMOTE']; print(url); "
+        "socket.create_connection(('127.0.0.1', int(url.rsplit(':', 1)[1])), timeout=5).close()"
+    )
+    launcher = [str(BIN / "heartbeat-connect-server"), "--port", str(port), "run", "--", sys.executable]
+    done = subprocess.run([*launcher, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"\nsc://127.0.0.1:{port}\n" in done.stdout  # what the command printed
+    assert not connect_server_process.listening(port)
+    assert not any(connect_server_process.state_dir(port).glob("*.pid"))
