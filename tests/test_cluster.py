@@ -345,3 +345,43 @@ def test_connect_server_launcher_serves_a_command_and_stops_with_it(tmp_path):
     assert f"\nsc://127.0.0.1:{port}\n" in done.stdout  # what the command printed
     assert not connect_server_process.listening(port)
     assert not any(connect_server_process.state_dir(port).glob("*.pid"))
+
+
+def test_a_run_killed_while_its_query_runs_on_the_connect_server(connect_server, tmp_path, spark):
+    """SIGKILL a run while bronze's query runs on the Connect server: the server's query outlives its
+    client, and the next run, started at once on the same checkpoint, stops it before starting its
+    own (`stopActiveRunOnRestart`), so two runs never drive one checkpoint. Its tables then hold
+    every recording once, as the oracle says."""
+    url, _ = connect_server
+    data = tmp_path / "data"
+    sim = Simulator(data, seed=12, patients=6, devices=5)
+    sim.land_patients()
+    # Enough for bronze's one micro-batch to run for seconds on the server's two cores.
+    sim.land_recordings(files=150, records=2000, faults=Faults(malformed=0.01, duplicates=0.02))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT / "dagster_home" / "dagster.yaml", home)
+    env = spark_env(HEARTBEAT_DATA_DIR=str(data), DAGSTER_HOME=str(home), HEARTBEAT_SPARK_REMOTE=url)
+    command = [str(BIN / "dagster"), "asset", "materialize", "-m", "heartbeat_assets", "--select", "*"]
+    with open(tmp_path / "killed.log", "w") as out:
+        killed = subprocess.Popen(
+            command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    batch_started = data / "checkpoints" / "bronze" / "recordings" / "offsets" / "0"
+    batch_done = batch_started.parent.parent / "commits" / "0"
+    try:
+        assert wait_until(batch_started.exists, 300, 0.05), tail(tmp_path / "killed.log")
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    assert not batch_done.exists(), "bronze's batch ended before the run was killed: land more"
+
+    (tmp_path / "next").mkdir()
+    instance = materialize(tmp_path / "next", data, {"HEARTBEAT_SPARK_REMOTE": url})
+    log = connect_server_process.log_file(int(url.rsplit(":", 1)[1])).read_text(errors="replace")
+    # The next run found the killed run's query still running on the server, and stopped it.
+    query_id = json.loads((batch_started.parent.parent / "metadata").read_text())["id"]
+    assert f"Stopping existing streaming query [id={query_id}, runId=" in log
+    assert_counts_reported(instance)
+    lakehouse = Lakehouse(data, spark)
+    assert_silver_matches_oracle(lakehouse, assert_gold_matches_oracle(lakehouse))
