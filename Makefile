@@ -10,7 +10,7 @@ DEV_VENV := .venv-dev
 DEV_BIN := $(DEV_VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: demo test ui lint bench clean
+.PHONY: demo test test-all ui lint bench clean
 
 $(BIN)/dagster: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ $(DEV_BIN)/pytest: pyproject.toml
 demo: $(BIN)/dagster
 	$(BIN)/heartbeat-demo
 
-## Run the test suite.
+## Run the test suite: the end-to-end oracle runs, a crash per layer, hostile input, sensors, the UI, units.
 test: $(DEV_BIN)/pytest
+	$(DEV_BIN)/pytest -q -m "not slow"
+
+## Every test: also the cluster, Spark Connect and PostgreSQL servers, every kill point, operations.
+test-all: $(DEV_BIN)/pytest
 	$(DEV_BIN)/pytest -q
 
 ## The Dagster UI and daemon (sensors, schedule, run queue) on http://127.0.0.1:3000.

@@ -31,6 +31,9 @@ from resources.spark import LOCAL_DEFAULTS
 from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
 
+# In `make test-all` only: servers of their own (a standalone cluster, Spark Connect).
+pytestmark = pytest.mark.slow
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SPARK_HOME = Path(pyspark.__file__).resolve().parent

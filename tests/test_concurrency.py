@@ -8,11 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from heartbeat_assets.simulator import Simulator
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
+
+# In `make test-all` only: several Dagster processes at once.
+pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

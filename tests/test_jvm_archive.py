@@ -11,9 +11,13 @@ import subprocess
 import sys
 
 import pyspark
+import pytest
 
 from resources.jvm import ClassArchive, warm_driver_keepers
 from tests.test_warm_jvm import alive, wait_until
+
+# In `make test-all` only: JVMs of their own.
+pytestmark = pytest.mark.slow
 
 SESSION = """
 import json, sys

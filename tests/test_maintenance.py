@@ -8,6 +8,9 @@ from resources import TABLES, LakehouseResource
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle
 
+# In `make test-all` only: a maintenance job over a larger history.
+pytestmark = pytest.mark.slow
+
 
 def observations(result) -> dict[str, dict]:
     return {

@@ -13,6 +13,9 @@ from resources import TABLES
 from tests.conftest import Lakehouse
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle, snapshot_tables
 
+# In `make test-all` only: full refreshes and moved data roots, each a run or more.
+pytestmark = pytest.mark.slow
+
 
 def test_moved_data_root_reads_nothing_twice(lakehouse, tmp_path):
     """Spark logs absolute paths in checkpoints; a moved root is relocated at the next run."""

@@ -21,6 +21,9 @@ from heartbeat_assets.simulator import Simulator
 from tests.conftest import Lakehouse, free_port
 from tests.test_pipeline import assert_gold_matches_oracle
 
+# In `make test-all` only: a PostgreSQL server of its own.
+pytestmark = pytest.mark.slow
+
 NOT_INSTALLED = "dagster-postgres is not installed (pip install -e .[postgres])"
 pytest.importorskip("dagster_postgres", reason=NOT_INSTALLED)
 psycopg2 = pytest.importorskip("psycopg2", reason=NOT_INSTALLED)  # installed with dagster-postgres

@@ -18,6 +18,9 @@ import pytest
 
 from resources.jvm import WarmDriver, cap_log, default_cache_dir, stop_warm_drivers, warm_driver_keepers
 
+# In `make test-all` only: warm driver JVMs of their own.
+pytestmark = pytest.mark.slow
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 SESSION = """
