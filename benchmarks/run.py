@@ -79,10 +79,7 @@ def _connect_server_pid(url: str | None) -> int | None:
     """The pid of the local Spark Connect server at `url` (as `heartbeat-connect-server` started it)."""
     from resources import connect_server
 
-    if not url:
-        return None
-    pid_files = list(connect_server.state_dir(int(url.rsplit(":", 1)[1])).glob("*.pid"))
-    return int(pid_files[0].read_text()) if pid_files else None
+    return connect_server.server_pid(int(url.rsplit(":", 1)[1])) if url else None
 
 
 def _tree_memory(process: psutil.Process, warm_jvm: bool = True, server: int | None = None) -> int:
@@ -289,7 +286,7 @@ def bench_sensor_tick(root: Path, args, results: dict) -> None:
 
 @contextmanager
 def connect_server(root: Path):
-    """A warm Spark Connect server on 127.0.0.1, as `make ui` starts it (`heartbeat-connect-server`)."""
+    """A warm Spark Connect server on 127.0.0.1, as `heartbeat-connect-server` starts it."""
     from resources import connect_server as server
 
     port = int(_free_port())

@@ -1,4 +1,4 @@
-"""A local Spark Connect server: the long-lived driver that the runs of `make ui` share.
+"""A local Spark Connect server: a long-lived driver that many runs share.
 
 Spark Connect is Spark's own server for many short-lived clients: it keeps one driver JVM (its
 compiled code, Delta's cached table states, the jars) warm between runs, and each run connects with
@@ -35,8 +35,8 @@ SPARK_HOME = Path(pyspark.__file__).resolve().parent
 #: Settings of the server itself, beside the ones every driver of this project has.
 SERVER_SETTINGS = {
     # A client that dies (a run killed, a laptop asleep) leaves its session on the server; its
-    # queries are stopped by the next run on the same checkpoint (see `SparkSessionResource`), and the
-    # session's memory is freed after this long without a request.
+    # queries are stopped by the next run on the same checkpoint (`stopActiveRunOnRestart`, in the
+    # resource's `LOCAL_DEFAULTS`), and the session's memory is freed after this long without a request.
     "spark.connect.session.manager.defaultSessionTimeout": "10m",
 }
 
@@ -53,7 +53,7 @@ def daemon_command(action: str, *options: str) -> list[str]:
     return command + (["--name", "Spark Connect server", *options] if action == "submit" else [])
 
 
-def daemon_env(port: int, **extra: str) -> dict[str, str]:
+def daemon_env(port: int) -> dict[str, str]:
     """Environment for `spark-daemon.sh`: this pyspark as SPARK_HOME, a pid file and log per port,
     and this Python for the server's Python workers (its `foreachBatch` writers import this project)."""
     home = state_dir(port)
@@ -66,7 +66,6 @@ def daemon_env(port: int, **extra: str) -> dict[str, str]:
         "SPARK_LOCAL_IP": HOST,
         "PYSPARK_PYTHON": sys.executable,
         "SPARK_CONNECT_MODE": "0",  # the server itself is a classic driver
-        **extra,
     }
 
 
@@ -96,6 +95,12 @@ def listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def server_pid(port: int) -> int | None:
+    """The pid of the server `start` started on `port`, from spark-daemon.sh's pid file."""
+    pid_files = list(state_dir(port).glob("*.pid"))
+    return int(pid_files[0].read_text().strip()) if pid_files else None
 
 
 def log_file(port: int) -> Path | None:
@@ -131,8 +136,7 @@ def start(port: int = DEFAULT_PORT, settings: dict[str, str] | None = None, time
 def stop(port: int = DEFAULT_PORT, timeout_s: float = 30) -> None:
     """Stop the server on `port` that `start` started (spark-daemon.sh's pid file names it); one that
     outlives the stop script's SIGTERM by `timeout_s` is killed."""
-    pid_files = list(state_dir(port).glob("*.pid"))
-    pid = int(pid_files[0].read_text().strip()) if pid_files else None
+    pid = server_pid(port)
     subprocess.run(daemon_command("stop"), env=daemon_env(port), capture_output=True, text=True, timeout=120)
     deadline = time.monotonic() + timeout_s
     while pid is not None and _alive(pid):
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "stop":
         stop(args.port)
         return
+    already_running = listening(args.port)  # someone else's: `run` leaves it running
     try:
         address = start(args.port)
     except (RuntimeError, delta_lake.DeltaJarsUnavailable) as exc:
@@ -186,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = child.wait()
     finally:
-        print("Stopping the Spark Connect server", flush=True)
-        stop(args.port)
+        if not already_running:
+            print("Stopping the Spark Connect server", flush=True)
+            stop(args.port)
     sys.exit(code)
 
 

@@ -100,8 +100,8 @@ def assert_committed_versions_match(crashed: Lakehouse, reference: Lakehouse) ->
         assert delta_rs_rows(path, version) == expected, f"{table} at version {version}"
 
 
-# One point per kind of moment the recovery must handle; the randomized test covers the rest.
-# One per layer in `make test`, the others in `make test-all`.
+# One point per kind of moment the recovery must handle (one per layer in `make test`, all of them in
+# `make test-all`); the randomized test covers the rest.
 CRASH_POINTS = [
     "write:bronze/recordings:uncommitted",  # while bronze writes a micro-batch's files
     pytest.param(  # between the two tables a bronze micro-batch writes
