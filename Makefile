@@ -23,7 +23,7 @@ $(DEV_BIN)/pytest: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_BIN)/pip install --quiet --upgrade pip
 	$(DEV_BIN)/pip install --quiet -e ".[dev]"
-	$(DEV_BIN)/heartbeat-delta-jars
+	$(DEV_BIN)/heartbeat-delta-jars --s3
 	touch $@
 
 ## Land the sample files, run the medallion job on local Spark, print the gold tables.

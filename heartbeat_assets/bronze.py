@@ -3,12 +3,9 @@
 import functools
 import gzip
 import operator
-import os
 import re
 import time
 import zlib
-from datetime import UTC, datetime
-from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetKey, AssetSpec, asset, multi_asset
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -24,7 +21,7 @@ from heartbeat_assets.streaming import (
     table_result,
     unchanged_results,
 )
-from resources import LakehouseResource, SparkSessionResource
+from resources import LakehouseResource, SparkSessionResource, storage
 
 RECORDING_FIELDS = {"device_id": "int", "mrn": "bigint", "time": "double", "heartrate": "double"}
 RECORDING_SCHEMA = ", ".join(f"{name} {kind}" for name, kind in RECORDING_FIELDS.items())
@@ -50,7 +47,7 @@ MAX_BYTES_PER_BATCH = 128 * 2**20
 BLANK = " \t\n\u000b\f\r"
 
 
-def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
+def read_landing(spark: SparkSession, folder, glob: str) -> DataFrame:
     """Stream of landed files, one row per file: `value` (whole text), `source_file`, `source_modified_at`.
 
     Whole-file reads let a file be either JSON Lines or one (pretty-printed) JSON array; `.gz` files
@@ -81,7 +78,7 @@ def read_landing(spark: SparkSession, folder: Path, glob: str) -> DataFrame:
 REJECTED_FOLDER = "_rejected"
 
 
-def reject_corrupt_gzip(folder: Path, mark_file: Path) -> list[Path]:
+def reject_corrupt_gzip(folder, mark_file) -> list:
     """Move landed `.gz` files that do not decompress to `<folder>/_rejected/`; return their new paths.
 
     Only files changed since the last check are read (a change-time mark in `mark_file`).
@@ -89,33 +86,28 @@ def reject_corrupt_gzip(folder: Path, mark_file: Path) -> list[Path]:
     mark = int(mark_file.read_text()) if mark_file.exists() else -1
     started = time.time_ns()
     rejected = []
-    if folder.is_dir():
-        for entry in os.scandir(folder):
-            if not (entry.is_file() and entry.name.endswith(".gz") and not entry.name.startswith((".", "_"))):
-                continue
-            if entry.stat().st_ctime_ns <= mark:
-                continue
-            try:
-                with gzip.open(entry.path) as stream:
-                    while stream.read(1 << 20):
-                        pass
-            except (OSError, EOFError, zlib.error):
-                target = folder / REJECTED_FOLDER / entry.name
-                target.parent.mkdir(exist_ok=True)
-                os.replace(entry.path, target)
-                rejected.append(target)
-    mark_file.parent.mkdir(parents=True, exist_ok=True)
+    for entry in storage.list_files(folder):
+        if not entry.name.endswith(".gz") or entry.name.startswith((".", "_")) or entry.changed_ns <= mark:
+            continue
+        path = folder / entry.name
+        try:
+            with path.open("rb") as raw, gzip.open(raw) as stream:
+                while stream.read(1 << 20):
+                    pass
+        except (OSError, EOFError, zlib.error):
+            target = folder / REJECTED_FOLDER / entry.name
+            storage.move(path, target)
+            rejected.append(target)
     # Files renamed in while the folder was read have a change time after `started` (less a margin
-    # for coarse file system clocks): the next check reads them.
-    mark_file.write_text(str(started - 1_000_000_000))
+    # for coarse file system clocks, or for uploads to S3 still under way): the next check reads them.
+    storage.write_text_atomic(mark_file, str(started - storage.change_margin_ns(folder)))
     return rejected
 
 
-def rejected_file_rows(spark: SparkSession, files: list[Path]) -> DataFrame:
+def rejected_file_rows(spark: SparkSession, files: list) -> DataFrame:
     """One bronze quarantine row per rejected file."""
     rows = [
-        (None, "corrupt_gzip", path.as_uri(), None, None, datetime.fromtimestamp(path.stat().st_mtime, UTC))
-        for path in files
+        (None, "corrupt_gzip", storage.uri(path), None, None, storage.modified_at(path)) for path in files
     ]
     schema = (
         "raw string, reason string, source_file string, source_line int, source_element int, "
@@ -124,19 +116,13 @@ def rejected_file_rows(spark: SparkSession, files: list[Path]) -> DataFrame:
     return spark.createDataFrame(rows, schema).withColumn("ingested_at", F.current_timestamp())
 
 
-def rename_unreadable_files(folder: Path) -> list[tuple[str, str]]:
+def rename_unreadable_files(folder) -> list[tuple[str, str]]:
     """Give landed files whose names Spark cannot read a percent-encoded name; return (old, new) pairs."""
     renamed = []
-    if not folder.is_dir():
-        return renamed
-    for entry in os.scandir(folder):
-        if (
-            entry.is_file()
-            and UNREADABLE_NAME_CHARS.search(entry.name)
-            and not entry.name.startswith((".", "_"))
-        ):
+    for entry in storage.list_files(folder):
+        if UNREADABLE_NAME_CHARS.search(entry.name) and not entry.name.startswith((".", "_")):
             new_name = UNREADABLE_NAME_CHARS.sub(lambda m: f"%{ord(m.group()):02X}", entry.name)
-            os.replace(entry.path, folder / new_name)
+            storage.move(folder / entry.name, folder / new_name)
             renamed.append((entry.name, new_name))
     return renamed
 
@@ -294,7 +280,7 @@ def parse_patients(files: DataFrame) -> DataFrame:
     )
 
 
-def _rename_unreadable_files(context: AssetExecutionContext, folder: Path) -> None:
+def _rename_unreadable_files(context: AssetExecutionContext, folder) -> None:
     for old, new in rename_unreadable_files(folder):
         context.log.warning(
             f"Renamed landed file {old!r} to {new!r} in {folder}: Spark cannot read that name."
@@ -399,13 +385,13 @@ def bronze_recordings(
     watch.record()
 
 
-def record_rejected_files(spark: SparkSession, rejected_folder: Path, quarantine: Path) -> int:
+def record_rejected_files(spark: SparkSession, rejected_folder, quarantine) -> int:
     """Add a quarantine row for each file in the rejected folder that has none yet; return how many.
 
     Each file's row is an idempotent write of its own (`txnAppId` from the file's name): recorded
     once, however often a run is retried, and again into a quarantine made anew.
     """
-    files = sorted(rejected_folder.glob("*")) if rejected_folder.is_dir() else []
+    files = [rejected_folder / name for name in sorted(e.name for e in storage.list_files(rejected_folder))]
     if not files:
         return 0
     table = tables.load(quarantine)

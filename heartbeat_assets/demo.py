@@ -5,8 +5,9 @@ import sys
 from datetime import datetime
 
 from dagster import DagsterInstance
-from deltalake import DeltaTable, QueryBuilder
+from deltalake import QueryBuilder
 
+from heartbeat_assets import tables
 from heartbeat_assets.simulator import land_file
 from resources import LakehouseResource
 from resources.lakehouse import PROJECT_ROOT
@@ -31,7 +32,7 @@ def land_samples(lakehouse: LakehouseResource) -> int:
 
 def print_table(name: str, path, limit: int = 20) -> None:
     """Print a Delta table's first rows, read with delta-rs's SQL engine (no Spark)."""
-    table = DeltaTable(str(path))
+    table = tables.load(path)
     query = QueryBuilder().register("t", table)
     rows = query.execute(f"SELECT * FROM t ORDER BY 1, 2 LIMIT {limit}").read_all()
     columns = [[_text(v) for v in column.to_pylist()] for column in rows.columns]

@@ -74,9 +74,7 @@ def watch_writes(tables: dict[str, Path]):
         thread.join()
 
 
-def _data_files(table: Path) -> set[str]:
-    found = set()
-    for folder, dirs, files in os.walk(table):
-        dirs[:] = [d for d in dirs if d != "_delta_log"]
-        found.update(os.path.join(folder, f) for f in files if f.endswith(".parquet"))
-    return found
+def _data_files(table) -> set[str]:
+    from resources.storage import parquet_files
+
+    return parquet_files(table)

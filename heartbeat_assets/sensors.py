@@ -15,10 +15,17 @@ The daemon starts a tick every 5 s (a fixed loop), so a file would wait 2.5 s on
 one. A tick that finds nothing therefore watches the folder for `landing_watch_seconds` (a `stat`
 every 0.1 s) and returns as soon as a file lands. With the daemon's sensor threads on (the instance
 configs do), each sensor watches on its own thread.
+
+On S3 (`scan_new_objects`) an object appears whole when its upload completes, under a Last-Modified
+time of when its upload began, which may be older than objects already seen. The cursor keeps the
+newest Last-Modified seen and the names seen within `storage.UPLOAD_WINDOW_S` before it: any object
+listed later with an older time is new unless its name is there. The cursor grows with the objects of
+that window only, however many have landed. A tick lists the prefix (1,000 keys a request).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -39,11 +46,13 @@ from dagster import (
 
 from heartbeat_assets import bronze, gold, silver
 from heartbeat_assets.jobs import medallion_job
-from resources import LakehouseResource
+from resources import LakehouseResource, storage
 
 SETTLE_SECONDS = 1.0
 #: How often a watching tick looks at the folder's mtime.
 WATCH_POLL_SECONDS = 0.1
+#: How often a watching tick lists an S3 prefix (each listing is a request per 1,000 objects).
+OBJECT_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,37 @@ class LandingScan:
     cursor: LandingCursor
     #: The newest change time of `files`: it names the run they start.
     newest_ctime_ns: int = -1
+
+    @property
+    def run_key(self) -> str:
+        """The same files seen again (on a local disk, unsettled then settled) give the same key."""
+        if self.cursor.folder_mtime_ns == OBJECT_STORE:
+            return f"{self.newest_ctime_ns}-{hashlib.sha1(' '.join(self.files).encode()).hexdigest()[:12]}"
+        return str(self.newest_ctime_ns)
+
+
+#: `folder_mtime_ns` of a cursor of an S3 prefix, which has no mtime.
+OBJECT_STORE = -2
+
+
+def scan_new_objects(folder, cursor: LandingCursor, suffixes: tuple[str, ...]) -> LandingScan:
+    """Objects under the S3 prefix `folder` not seen before, and the cursor to store next."""
+    window = storage.change_margin_ns(folder)
+    mark = cursor.ctime_ns - window
+    listed = [
+        entry
+        for entry in storage.list_files(folder)
+        if is_landed_file(entry.name, suffixes) and entry.changed_ns > mark
+    ]
+    seen = set(cursor.names)
+    new = [entry for entry in listed if entry.name not in seen]
+    newest = max([cursor.ctime_ns, *(entry.changed_ns for entry in listed)])
+    recent = {entry.name for entry in listed if entry.changed_ns > newest - window}
+    return LandingScan(
+        sorted(entry.name for entry in new),
+        LandingCursor(newest, tuple(sorted(recent)), OBJECT_STORE),
+        max((entry.changed_ns for entry in new), default=-1),
+    )
 
 
 def scan_new_files(
@@ -122,8 +162,15 @@ def watch_for_new_files(
     folder: Path, cursor: LandingCursor, suffixes: tuple[str, ...], seconds: float
 ) -> LandingScan:
     """`scan_new_files`, and while it finds nothing, again whenever the folder's mtime changes, for
-    up to `seconds`: a file landing in that time is found at once."""
+    up to `seconds`: a file landing in that time is found at once. On S3: `scan_new_objects`, again
+    every `OBJECT_POLL_SECONDS`."""
     deadline = time.monotonic() + seconds
+    if not storage.is_local(folder):
+        scan = scan_new_objects(folder, cursor, suffixes)
+        while not scan.files and time.monotonic() + OBJECT_POLL_SECONDS <= deadline:
+            time.sleep(OBJECT_POLL_SECONDS)
+            scan = scan_new_objects(folder, scan.cursor, suffixes)
+        return scan
     listed_mtime = _mtime_ns(folder)  # before the listing: a file landing during it changes the mtime
     scan = scan_new_files(folder, cursor, suffixes)
     while not scan.files and time.monotonic() + WATCH_POLL_SECONDS <= deadline:
@@ -184,7 +231,7 @@ def _landing_sensor(name: str, folder_of, suffixes: tuple[str, ...], table: str,
                     asset_selection=reached,
                     # A run started by these files lists the folder after this tick, so it ingests
                     # them; the same key on a later tick (the files now settled) is skipped.
-                    run_key=f"{name}:{scan.newest_ctime_ns}",
+                    run_key=f"{name}:{scan.run_key}",
                     tags={"heartbeat/trigger": name, "heartbeat/new_files": str(len(files))},
                 )
             ],

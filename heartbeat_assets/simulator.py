@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from resources import storage
 from resources.lakehouse import default_data_dir
 
 FIRST_NAMES = [
@@ -81,7 +82,7 @@ class Simulator:
     _sent: list[dict] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self.data_dir = Path(self.data_dir)
+        self.data_dir = storage.data_root(str(self.data_dir))
         self.recordings_dir = self.data_dir / "landing" / "recordings"
         self.patients_dir = self.data_dir / "landing" / "patients"
 
@@ -201,7 +202,12 @@ def _encode(lines: list[str], as_array: bool, compressed: bool) -> bytes:
 
 
 def land_file(folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` under a hidden temporary name, then rename it to `name`: an atomic landing."""
+    """Write `data` under a hidden temporary name, then rename it to `name`: an atomic landing. On S3
+    an object appears whole when its upload completes: it is written once, under its name."""
+    if not storage.is_local(folder):
+        target = folder / name
+        target.write_bytes(data)
+        return target
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
     tmp.write_bytes(data)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-patients", action="store_true", help="do not land the patient CSV")
     args = parser.parse_args(argv)
 
-    sim = Simulator(Path(args.data_dir), seed=args.seed, patients=args.patients, devices=args.devices)
+    sim = Simulator(args.data_dir, seed=args.seed, patients=args.patients, devices=args.devices)
     if not args.no_patients:
         print(f"landed {sim.land_patients()}")
     faults = Faults.typical() if args.faults else None

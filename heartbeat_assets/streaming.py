@@ -9,9 +9,7 @@ commits of its micro-batches into numbers the Dagster assets report.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from pyspark.sql import DataFrame, SparkSession
 from heartbeat_assets import checks, tables
 from heartbeat_assets.batch_writers import BatchWriter, foreach_batch
 from heartbeat_assets.killpoints import watch_writes
+from resources import storage
 
 
 @dataclass
@@ -195,11 +194,7 @@ class InputWatch:
         self.path = checkpoint / self.FILE
         stamps = [repr(settings)]
         for folder in landing:
-            names = (
-                sorted(e.name for e in os.scandir(folder) if not e.name.startswith("."))
-                if folder.is_dir()
-                else None
-            )
+            names = sorted(e.name for e in storage.list_files(folder) if not e.name.startswith("."))
             stamps.append(f"{folder}: {names}")
         stamps.extend(f"{path}: {tables.identity(tables.load(path))}" for path in tables_read)
         self.mark = hashlib.sha256("\n".join(stamps).encode()).hexdigest()
@@ -213,10 +208,7 @@ class InputWatch:
 
     def record(self) -> None:
         """Remember the inputs as seen before the query ran (call after it completed)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.FILE}.{os.getpid()}")
-        tmp.write_text(self.mark)
-        os.replace(tmp, self.path)
+        storage.write_text_atomic(self.path, self.mark)
 
 
 def unchanged_results(
@@ -303,7 +295,7 @@ def prepare_table(
     table a step reads before the step that writes it has run; made anew on a full refresh (`fresh`)."""
     path = lakehouse.table(name)
     if fresh:
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove_tree(path)
     elif tables.load(path) is not None:
         return path
     elif path.is_dir() and any(path.iterdir()):

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from heartbeat_assets.killpoints import kill_point
+from resources.storage import delta_rs_options
 
 #: Properties every table is created with. delta-rs, DuckDB and Polars read these tables, so no table
 #: feature beyond the basic protocol is enabled (deletion vectors, column mapping, ...).
@@ -134,7 +135,7 @@ def table_name(path: Path) -> str:
 def load(path: Path, version: int | None = None) -> DeltaTable | None:
     """The table at `path` (at `version`, else the latest), or None if there is none."""
     try:
-        return DeltaTable(str(path), version=version)
+        return DeltaTable(str(path), version=version, storage_options=delta_rs_options(path) or None)
     except TableNotFoundError:
         return None
 

@@ -1,18 +1,35 @@
 """Resources shared by the assets and sensors: the lakehouse paths and the SparkSession."""
 
+import importlib
 import json
 import os
 
-from resources.lakehouse import TABLES, LakehouseResource, default_data_dir
-from resources.spark import SparkSessionResource
-
 __all__ = ["TABLES", "LakehouseResource", "SparkSessionResource", "default_data_dir", "resources_from_env"]
+
+#: Loaded on first use: code that runs in a Spark Connect server's Python workers imports
+#: `resources.storage` alone, without Dagster.
+_LAZY = {
+    "TABLES": "resources.lakehouse",
+    "LakehouseResource": "resources.lakehouse",
+    "default_data_dir": "resources.lakehouse",
+    "SparkSessionResource": "resources.spark",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'resources' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 def resources_from_env(environ=os.environ) -> dict:
     """The project's resources, chosen from the environment in this one place.
 
-    - `HEARTBEAT_DATA_DIR`: the data root (default: the project's `data/`).
+    - `HEARTBEAT_DATA_DIR`: the data root, a path or `s3a://bucket/prefix` (default: the project's `data/`).
     - `HEARTBEAT_SPARK_MASTER`: Spark master URL (default `local[*]`), e.g. `spark://host:7077`.
     - `HEARTBEAT_SPARK_REMOTE`: a Spark Connect server, `sc://host:port`, instead of a master (an
       `sc://` URL in `HEARTBEAT_SPARK_MASTER` means the same).
@@ -23,6 +40,9 @@ def resources_from_env(environ=os.environ) -> dict:
     - `HEARTBEAT_QUARANTINE_WARN` / `_ERROR`: quarantine-rate check thresholds (default 0.01 and 0.2).
     - `HEARTBEAT_LANDING_WATCH`: seconds a sensor tick watches its landing folder (default 4; 0: none).
     """
+    from resources.lakehouse import LakehouseResource, default_data_dir
+    from resources.spark import SparkSessionResource
+
     previews = environ.get("HEARTBEAT_TABLE_PREVIEWS", "1").strip().lower() not in ("0", "false", "no")
     watch = _seconds(
         environ,

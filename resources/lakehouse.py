@@ -7,13 +7,14 @@ import fcntl
 import json
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from dagster import ConfigurableResource, Failure
 from pydantic import Field, field_validator
+
+from resources import storage
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR_ENV = "HEARTBEAT_DATA_DIR"
@@ -56,9 +57,9 @@ class LakehouseResource(ConfigurableResource):
     data_dir: str = Field(
         default_factory=default_data_dir,
         validate_default=True,
-        description="Root folder of the lakehouse: a path or a file:// URI, on storage that the Dagster run, "
-        "the Spark driver (or Connect server) and every executor see at the same path. "
-        "Defaults to $HEARTBEAT_DATA_DIR or the project's data/.",
+        description="Root of the lakehouse: a local path or file:// URI (on a cluster: storage that the "
+        "Dagster run, the Spark driver or Connect server and every executor see at the same path), or "
+        "an S3 prefix, s3a://bucket/prefix. Defaults to $HEARTBEAT_DATA_DIR or the project's data/.",
     )
 
     table_previews: bool = Field(
@@ -92,14 +93,26 @@ class LakehouseResource(ConfigurableResource):
         "tick watches starts its run at once instead of waiting for the next one. 0: look once.",
     )
 
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="On S3: how long the run lock outlives a run that died without releasing it (a run "
+        "of the same machine whose process is gone is not waited for). A live run renews it.",
+    )
+
     @field_validator("data_dir")
     @classmethod
-    def _local_path(cls, value: str) -> str:
-        return local_data_dir(value)
+    def _supported_root(cls, value: str) -> str:
+        return data_root_url(value)
 
     @property
-    def root(self) -> Path:
-        return Path(self.data_dir).expanduser().resolve()
+    def root(self):
+        """The data root: a `Path`, or a `UPath` on S3 (the same API; see `resources.storage`)."""
+        return storage.data_root(self.data_dir)
+
+    @property
+    def on_object_storage(self) -> bool:
+        return not storage.is_local(self.root)
 
     @property
     def recordings_landing(self) -> Path:
@@ -123,20 +136,15 @@ class LakehouseResource(ConfigurableResource):
         """Create the landing folders and check the data root is writable; fail with a remedy if not."""
         root = self.root
         try:
-            for folder in (
-                self.recordings_landing,
-                self.patients_landing,
-                root / "lakehouse",
-                root / "checkpoints",
-            ):
-                folder.mkdir(parents=True, exist_ok=True)
-            probe = root / ".write-probe"
-            probe.write_text("ok")
-            probe.unlink()
+            storage.check_writable(root)
         except OSError as exc:
+            remedy = (
+                "Check the bucket and the AWS_* settings (credentials, AWS_ENDPOINT_URL, AWS_REGION)"
+                if self.on_object_storage
+                else f"Point {DATA_DIR_ENV} at a folder you can write to, or fix its permissions"
+            )
             raise Failure(
-                f"The lakehouse data root {root} is not writable ({exc.strerror}). "
-                f"Point {DATA_DIR_ENV} at a folder you can write to, or fix its permissions."
+                f"The lakehouse data root {root} is not writable ({exc.strerror}). {remedy}."
             ) from exc
 
     @contextmanager
@@ -145,9 +153,15 @@ class LakehouseResource(ConfigurableResource):
 
         Streaming checkpoints tolerate one writer only. The Dagster instance's pool limit keeps
         queued runs apart; this lock also stops a second `dagster asset materialize` started by hand.
-        The OS releases the lock if the process dies, so a crashed run never leaves it stale.
+        The OS releases the lock if the process dies, so a crashed run never leaves it stale. On S3
+        the lock is a lease object (`storage.ObjectLease`) that a dead run's successor takes over.
         """
         self.ensure_layout()
+        if self.on_object_storage:
+            with self._object_lease():
+                self.relocate_checkpoints()
+                yield
+            return
         lock_path = self.root / ".lakehouse.lock"
         handle = open(lock_path, "a+")
         try:
@@ -171,11 +185,29 @@ class LakehouseResource(ConfigurableResource):
         finally:
             handle.close()
 
+    @contextmanager
+    def _object_lease(self):
+        lease = storage.ObjectLease(self.root / ".lakehouse.lock", self.lease_seconds)
+        try:
+            lease.acquire()
+        except storage.LockHeld as exc:
+            raise LakehouseBusyError(
+                f"The lakehouse at {self.root} is in use by {exc.holder}. Only one run may drive its "
+                "streaming queries at a time: wait for that run to finish, then start this one again "
+                f"(a run that died releases it within {self.lease_seconds:g} s)."
+            ) from exc
+        try:
+            yield
+        finally:
+            lease.release()
+        if lease.lost:
+            raise Failure(f"The run lost its lock on {self.root} while it ran: {lease.lost}")
+
     def reset(self, name: str) -> None:
         """Forget what the query writing table `name` has processed: delete its checkpoint."""
-        shutil.rmtree(self.checkpoint(name), ignore_errors=True)
+        storage.remove_tree(self.checkpoint(name))
 
-    def relocate_checkpoints(self) -> list[Path]:
+    def relocate_checkpoints(self) -> list:
         """Point the checkpoints at this data root if it was moved or copied; return the files changed.
 
         Spark's file sources log every file they read by absolute URI and replay the last batch's
@@ -187,32 +219,27 @@ class LakehouseResource(ConfigurableResource):
         previous = json.loads(marker.read_text())["root"] if marker.exists() else str(self.root)
         changed = []
         if previous != str(self.root):
-            old_uri, new_uri = Path(previous).as_uri(), self.root.as_uri()
+            old_uri = previous if "://" in previous else Path(previous).as_uri()
+            new_uri = storage.uri(self.root)
             for log in (self.root / "checkpoints").glob("**/sources/*/*"):
                 if not re.fullmatch(r"\d+(\.compact)?", log.name):
                     continue
                 text = log.read_text()
                 if old_uri + "/" in text:
-                    tmp = log.with_name(f".{log.name}.relocate")
-                    tmp.write_text(text.replace(old_uri + "/", new_uri + "/"))
-                    os.replace(tmp, log)
+                    storage.write_text_atomic(log, text.replace(old_uri + "/", new_uri + "/"))
                     # Hadoop's checksum of the old content would reject the new one.
-                    log.with_name(f".{log.name}.crc").unlink(missing_ok=True)
+                    if storage.is_local(log):
+                        log.with_name(f".{log.name}.crc").unlink(missing_ok=True)
                     changed.append(log)
-        tmp_marker = marker.with_name(".lakehouse.json.tmp")
-        tmp_marker.write_text(json.dumps({"root": str(self.root)}))
-        os.replace(tmp_marker, marker)
+        storage.write_text_atomic(marker, json.dumps({"root": str(self.root)}))
         return changed
 
 
-def local_data_dir(value: str) -> str:
-    """The data root as a local path: a path, or a `file://` URI turned into one.
-
-    Object stores and other remote file systems are refused with the remedy: the table writers and
-    the run lock use POSIX file operations (atomic renames, `flock`) on the data root.
-    """
+def data_root_url(value: str) -> str:
+    """The data root as a local path (a `file://` URI turned into one) or an `s3a://` URL; other
+    schemes are refused with what to do."""
     scheme = urlparse(value).scheme
-    if not scheme:
+    if not scheme or scheme in storage.OBJECT_STORE_SCHEMES:
         return value
     if scheme == "file":
         uri = urlparse(value)
@@ -222,11 +249,15 @@ def local_data_dir(value: str) -> str:
                 "(file:///path). Mount the shared folder on this machine and use its path."
             )
         return unquote(uri.path)
+    if scheme == "s3":
+        raise ValueError(
+            f"The data root {value!r} uses s3://: write it s3a://{value[len('s3://') :]} (Hadoop's S3 "
+            "connector, which Spark and Delta Lake use)."
+        )
     raise ValueError(
         f"The data root {value!r} is on {scheme}://, which this lakehouse does not support as its data "
-        "root: its table writers rename files atomically and each run locks the data root, both with "
-        "POSIX file operations. Mount shared POSIX storage (e.g. NFS) at the same path on the Dagster "
-        f"run, the Spark driver or Connect server and every executor, and set {DATA_DIR_ENV} to that path."
+        "root: use a local path (shared POSIX storage on a cluster) or an S3 bucket, s3a://bucket/prefix "
+        "(an S3-compatible server too, through AWS_ENDPOINT_URL)."
     )
 
 

@@ -18,7 +18,7 @@ from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field, PrivateAttr, field_validator
 from pyspark import SparkContext
 
-from resources import delta_lake
+from resources import delta_lake, storage
 from resources.jvm import (
     WARM_IDLE_S,
     ClassArchive,
@@ -191,7 +191,7 @@ class SparkSessionResource(LazyPySparkResource):
         config = self._settings(warm_driver)
         # Resolved from Maven Central on first use (then kept); spark.jars ships them to executors.
         try:
-            jars = delta_lake.delta_jars(config)
+            jars = delta_lake.delta_jars(config, s3=self.lakehouse.on_object_storage)
         except delta_lake.DeltaJarsUnavailable as exc:
             raise Failure(str(exc)) from exc
         config["spark.jars"] = ",".join([*jars, *(j for j in config.get("spark.jars", "").split(",") if j)])
@@ -214,6 +214,8 @@ class SparkSessionResource(LazyPySparkResource):
         }
         if self.master.startswith("local") and not self.remote:  # a Connect server's master is its own
             config.update(LOCAL_MASTER_DEFAULTS)
+        if self.lakehouse.on_object_storage:
+            config.update(storage.s3a_settings())
         if warm_driver:
             config.update(WARM_DRIVER_DEFAULTS)
         else:

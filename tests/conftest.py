@@ -2,7 +2,11 @@
 
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from hypothesis import settings
 from pyspark import SparkContext
 
 from heartbeat_assets.definitions import build_definitions
-from resources import TABLES, LakehouseResource, SparkSessionResource
+from resources import TABLES, LakehouseResource, SparkSessionResource, storage
 from resources.jvm import default_cache_dir, stop_warm_drivers
 from resources.spark import build_spark_session
 
@@ -21,6 +25,8 @@ from resources.spark import build_spark_session
 settings.register_profile("default", max_examples=25)
 settings.register_profile("thorough", max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+S3_BUCKET = "lakehouse"
 
 TEST_SPARK = {"master": "local[2]", "shuffle_partitions": 2, "stop_on_teardown": False}
 
@@ -59,6 +65,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: moto's server answers the `Expect: 100-continue` of the AWS SDK's file uploads (S3A's optimized
+#: copy from a local file, which RocksDB's state checkpoints use) in a way the SDK takes for the final
+#: status; S3A's plain upload works with it. Real S3 needs no such setting.
+MOTO_SETTINGS = {"spark.hadoop.fs.s3a.optimized.copy.from.local.enabled": "false"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 server on 127.0.0.1 with an empty bucket; the AWS_* variables point every client of this
+    process and of the runs it starts (Spark's S3A, s3fs, delta-rs) at it."""
+    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    if moto is None:
+        pytest.skip("moto's S3 server is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3-server") / "moto.log"
+    with open(log, "w") as out:  # it logs every request
+        server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out)
+    environment = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",  # delta-rs, for tests that read a table with DeltaTable directly
+    }
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                root = storage.data_root(f"s3a://{S3_BUCKET}")
+                root.fs.mkdir(S3_BUCKET)
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"moto's S3 server did not start: {log.read_text()[-500:]}")
+                time.sleep(0.2)
+        yield f"s3a://{S3_BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Lakehouse:
@@ -140,8 +194,9 @@ def _comparable(value):
         return value.astimezone(UTC).replace(tzinfo=None)
     if isinstance(value, float) and value != value:
         return "NaN"  # NaN != NaN
-    if isinstance(value, str) and value.startswith("file:"):
-        return re.sub(r"^file:.*?/landing/", "landing/", value)  # copies of a data root compare equal
+    if isinstance(value, str) and value.startswith(("file:", "s3a:")):
+        # Copies of a data root, on a disk or a bucket, compare equal.
+        return re.sub(r"^(file:|s3a://).*?/landing/", "landing/", value)
     return value
 
 

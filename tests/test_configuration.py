@@ -1,5 +1,6 @@
 """Bad configuration fails fast with a message that says what to do."""
 
+import json
 import os
 import socket
 import stat
@@ -64,7 +65,7 @@ def test_delta_jars_without_a_reachable_repository_say_what_to_do(tmp_path, monk
     )
     with pytest.raises(
         Failure,
-        match=r"(?s)Could not fetch Delta Lake's jars \(io\.delta:delta-spark.*"
+        match=r"(?s)Could not fetch the jars of io\.delta:delta-spark.*"
         r"unresolved dependency.*heartbeat-delta-jars.*spark\.jars\.repositories",
     ):
         resource.session_config()
@@ -144,10 +145,41 @@ def test_data_root_as_a_file_uri(tmp_path):
     assert resources_from_env({"HEARTBEAT_DATA_DIR": folder.as_uri()})["lakehouse"].root == folder.resolve()
 
 
-@pytest.mark.parametrize("uri", ["s3a://bucket/lake", "abfss://lake@account.dfs.core.windows.net/data"])
-def test_object_store_data_root_says_what_to_do(uri):
-    with pytest.raises(ValueError, match="does not support.*Mount shared POSIX storage.*HEARTBEAT_DATA_DIR"):
-        resources_from_env({"HEARTBEAT_DATA_DIR": uri})
+def test_unsupported_data_roots_say_what_to_do():
+    with pytest.raises(ValueError, match="does not support.*s3a://bucket/prefix"):
+        resources_from_env({"HEARTBEAT_DATA_DIR": "abfss://lake@account.dfs.core.windows.net/data"})
+    with pytest.raises(ValueError, match="write it s3a://bucket/lake"):
+        resources_from_env({"HEARTBEAT_DATA_DIR": "s3://bucket/lake"})
+
+
+def test_an_s3_data_root_gives_spark_the_s3a_connector_and_the_aws_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-log-me")
+    resources = resources_from_env({"HEARTBEAT_DATA_DIR": "s3a://bucket/lake/"})
+    lakehouse = resources["lakehouse"]
+    assert lakehouse.on_object_storage
+    assert (
+        str(lakehouse.table("gold/daily_patient_avg")) == "s3a://bucket/lake/lakehouse/gold/daily_patient_avg"
+    )
+    config = resources["spark"].session_config()
+    assert "hadoop-aws" in config["spark.jars"] and "awssdk" in config["spark.jars"]
+    assert config["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:9000"
+    assert config["spark.hadoop.fs.s3a.path.style.access"] == "true"
+    assert config["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
+    # Credentials stay where the AWS SDK reads them: never in settings that Spark logs or shows.
+    assert "do-not-log-me" not in json.dumps(config)
+    # The run's own settings win.
+    spark = resources_from_env(
+        {
+            "HEARTBEAT_DATA_DIR": "s3a://bucket/lake",
+            "HEARTBEAT_SPARK_CONF": json.dumps({"spark.hadoop.fs.s3a.path.style.access": "false"}),
+        }
+    )["spark"]
+    assert spark.session_config()["spark.hadoop.fs.s3a.path.style.access"] == "false"
+    # A local root needs none of it.
+    local = resources_from_env({"HEARTBEAT_DATA_DIR": str(tmp_path)})["spark"].session_config()
+    assert "hadoop-aws" not in local["spark.jars"] and "spark.hadoop.fs.s3a.endpoint" not in local
 
 
 def test_cluster_masters_are_passed_to_spark(tmp_path):
