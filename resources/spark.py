@@ -147,7 +147,7 @@ class SparkSessionResource(LazyPySparkResource):
     remote: str | None = Field(
         default=None,
         description="Spark Connect server URL, sc://host:port: the run connects to it instead of "
-        "starting a driver. The server must be able to import this project (see the README).",
+        "starting a driver. The server must be able to import this project (see docs/deployment.md).",
     )
     app_name: str = "heartbeat-lakehouse"
     shuffle_partitions: int = Field(
@@ -479,8 +479,8 @@ def build_connect_session(url: str, config: dict[str, str]):
         socket.create_connection((host, port), timeout=10).close()
     except OSError as exc:
         raise Failure(
-            f"Cannot reach the Spark Connect server at {host}:{port} ({exc}). Start it (see the README, "
-            "'Run on a cluster') or fix HEARTBEAT_SPARK_REMOTE."
+            f"Cannot reach the Spark Connect server at {host}:{port} ({exc}). Start it (see "
+            "docs/deployment.md, 'Spark Connect') or fix HEARTBEAT_SPARK_REMOTE."
         ) from exc
     from pyspark.sql import SparkSession
 
@@ -491,6 +491,6 @@ def build_connect_session(url: str, config: dict[str, str]):
             f"The Spark Connect server at {host}:{port} does not load Delta Lake, which every table of "
             f"this lakehouse is. Start it with `--packages {delta_lake.PACKAGE}` and "
             + " ".join(f"`--conf {key}={value}`" for key, value in delta_lake.SESSION_SETTINGS.items())
-            + " (see the README, 'Spark Connect')."
+            + " (see docs/deployment.md, 'Spark Connect')."
         )
     return session

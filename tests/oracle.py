@@ -1,7 +1,7 @@
 """An independent, plain-Python computation of every table from the landed files.
 
 It shares no code with the pipeline: it reads the landing folders with `json`, `gzip` and `csv` and
-applies the data contract as written in the README.
+applies the data contract as written in docs/tables.md.
 """
 
 import csv

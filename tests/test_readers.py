@@ -1,8 +1,12 @@
-"""Readers other than Spark read the lakehouse's Delta tables, as the README shows them.
+"""Readers other than Spark read the lakehouse's Delta tables, as the README and docs/tables.md show them.
 
 DuckDB (its Delta extension, from PyPI), Polars and delta-rs each read gold and silver; every one
-must give the rows Spark gives. The time travel and history the README names work too.
+must give the rows Spark gives. The time travel and history docs/tables.md names work too.
 """
+
+import ast
+import re
+from pathlib import Path
 
 import duckdb
 import duckdb_extensions
@@ -65,3 +69,21 @@ def test_history_and_time_travel(lakehouse):
     assert older != comparable_rows(lakehouse.table("gold/heartrate_by_patient"))
     assert delta_rs_rows(path, version=first) == older
     assert DeltaTable(str(path)).version() == latest
+
+
+def test_the_readers_snippet_of_the_readme_reads_gold(lakehouse):
+    """The README's one-liners, run as shown."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    lines = snippet.replace("data/lakehouse/", f"{lakehouse.root}/lakehouse/").splitlines()
+    scope = {"spark": lakehouse.spark}
+    results = []
+    for line in lines:
+        module = ast.parse(line)  # statements, then the expression whose value the line shows
+        *setup, shown = module.body
+        exec(compile(ast.Module(setup, []), "README.md", "exec"), scope)
+        results.append(eval(compile(ast.Expression(shown.value), "README.md", "eval"), scope))
+    spark_rows, polars_frame, _, duckdb_relation = results
+    expected = spark_rows.count()
+    assert expected > 0
+    assert polars_frame.height == expected and len(duckdb_relation.fetchall()) == expected
