@@ -271,11 +271,18 @@ class ObjectLease:
         self._renewer.start()
 
     def _renew(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(self.seconds / 3):
             try:
                 self._etag = self._call("put_object", Body=self._body(), IfMatch=self._etag)["ETag"]
-            except Exception as exc:  # noqa: BLE001 (kept; the run reports it at release)
-                self.lost = str(exc)
+                renewed = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 (the run reports it when it releases the lock)
+                if _precondition_failed(exc):
+                    self.lost = f"another process took the lock over ({exc})"
+                    return
+                if time.monotonic() - renewed > self.seconds:  # a passing error is retried until then
+                    self.lost = f"it could not be renewed for {self.seconds:g} s ({exc})"
+                    return
 
     def release(self) -> None:
         self._stop.set()

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from dagster import build_sensor_context
+from dagster import Failure, build_sensor_context
 from deltalake import DeltaTable
 
 from heartbeat_assets import sensors, simulator
@@ -162,6 +162,16 @@ def test_an_expired_lease_of_another_machine_is_taken_over(s3):
     with pytest.raises(LakehouseBusyError, match="pid 1 on elsewhere"):
         with LakehouseResource(data_dir=f"{s3}/expired").exclusive_lock():
             pass
+
+
+def test_a_run_whose_lease_was_taken_over_fails(s3):
+    """A run that stalled past its lease (another took the lock over) fails rather than succeed."""
+    resource = LakehouseResource(data_dir=f"{s3}/taken", lease_seconds=0.6)
+    lock = storage.data_root(f"{s3}/taken/.lakehouse.lock")
+    with pytest.raises(Failure, match="lost its lock.*another process took the lock over"):
+        with resource.exclusive_lock():
+            lock.write_text(json.dumps({"holder": "pid 1 on elsewhere", "host": "elsewhere", "pid": 1}))
+            time.sleep(0.5)  # a renewal finds the lock changed
 
 
 def test_a_missing_bucket_says_what_to_do(s3):
