@@ -15,6 +15,7 @@ from dagster import DagsterInstance
 from deltalake import DeltaTable
 from hypothesis import settings
 from pyspark import SparkContext
+from s3fs import S3FileSystem
 
 from heartbeat_assets.definitions import build_definitions
 from resources import TABLES, LakehouseResource, SparkSessionResource, storage
@@ -93,21 +94,25 @@ def s3(tmp_path_factory):
     }
     saved = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)
+    # fsspec keeps one s3fs client per set of arguments, made with the AWS_* settings of its time: a
+    # client of another module's server (now stopped) would be reused.
+    S3FileSystem.clear_instance_cache()
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens; a server that exits or never listens skips, saying why
             try:
-                root = storage.data_root(f"s3a://{S3_BUCKET}")
-                root.fs.mkdir(S3_BUCKET)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except Exception:
+            except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.skip(f"moto's S3 server did not start: {log.read_text()[-500:]}")
                 time.sleep(0.2)
+        storage.data_root(f"s3a://{S3_BUCKET}").fs.mkdir(S3_BUCKET)  # any failure here is a failure
         yield f"s3a://{S3_BUCKET}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+        S3FileSystem.clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -75,14 +75,14 @@ def test_the_readers_snippet_of_the_readme_reads_gold(lakehouse):
     """The README's one-liners, run as shown."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.S)
-    lines = snippet.replace("data/lakehouse/", f"{lakehouse.root}/lakehouse/").splitlines()
+    snippet = snippet.replace("data/lakehouse/", f"{lakehouse.root}/lakehouse/")
     scope = {"spark": lakehouse.spark}
-    results = []
-    for line in lines:
-        module = ast.parse(line)  # statements, then the expression whose value the line shows
-        *setup, shown = module.body
-        exec(compile(ast.Module(setup, []), "README.md", "exec"), scope)
-        results.append(eval(compile(ast.Expression(shown.value), "README.md", "eval"), scope))
+    results = []  # the value of each expression the snippet shows
+    for statement in ast.parse(snippet).body:
+        if isinstance(statement, ast.Expr):
+            results.append(eval(compile(ast.Expression(statement.value), "README.md", "eval"), scope))
+        else:
+            exec(compile(ast.Module([statement], []), "README.md", "exec"), scope)
     spark_rows, polars_frame, _, duckdb_relation = results
     expected = spark_rows.count()
     assert expected > 0
