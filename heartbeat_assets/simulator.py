@@ -12,7 +12,6 @@ import argparse
 import gzip
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,17 +201,9 @@ def _encode(lines: list[str], as_array: bool, compressed: bool) -> bytes:
 
 
 def land_file(folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` under a hidden temporary name, then rename it to `name`: an atomic landing. On S3
-    an object appears whole when its upload completes: it is written once, under its name."""
-    if not storage.is_local(folder):
-        target = folder / name
-        target.write_bytes(data)
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    tmp.write_bytes(data)
+    """Land `data` as `name` atomically (`storage.write_bytes_atomic`)."""
     target = folder / name
-    os.replace(tmp, target)
+    storage.write_bytes_atomic(target, data)
     return target
 
 

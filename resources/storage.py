@@ -132,14 +132,20 @@ def remove_tree(path) -> None:
 
 
 def write_text_atomic(path, text: str) -> None:
-    """Write a small file that readers see whole or not at all (a rename locally; one PUT on S3)."""
+    """Write a small text file that readers see whole or not at all."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write a file that readers see whole or not at all: locally under a hidden temporary name (which
+    the sensors and Spark skip), then renamed; on S3 in one PUT (an object appears when complete)."""
     if is_local(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     else:
-        path.write_text(text)
+        path.write_bytes(data)
 
 
 def parquet_files(table) -> set[str]:
