@@ -34,7 +34,8 @@ from heartbeat_assets.definitions import build_definitions
 from resources import LakehouseResource, SparkSessionResource
 
 lakehouse = LakehouseResource(data_dir=sys.argv[1])
-spark = SparkSessionResource(lakehouse=lakehouse, master="local[2]", shuffle_partitions=2)
+# A JVM of the run's own, killed with it (the warm driver's JIT settings cost a short run more).
+spark = SparkSessionResource(lakehouse=lakehouse, master="local[2]", shuffle_partitions=2, keep_jvm_warm_s=0)
 job = build_definitions(lakehouse=lakehouse, spark=spark).resolve_job_def("medallion")
 result = job.execute_in_process(instance=DagsterInstance.ephemeral(), raise_on_error=False)
 sys.exit(0 if result.success else 1)
@@ -100,18 +101,37 @@ def assert_committed_versions_match(crashed: Lakehouse, reference: Lakehouse) ->
         assert delta_rs_rows(path, version) == expected, f"{table} at version {version}"
 
 
-# One point per kind of moment the recovery must handle (one per layer in `make test`, all of them in
-# `make test-all`); the randomized test covers the rest.
+# One point per kind of moment the recovery must handle; the randomized test covers the rest.
 CRASH_POINTS = [
     "write:bronze/recordings:uncommitted",  # while bronze writes a micro-batch's files
-    pytest.param(  # between the two tables a bronze micro-batch writes
-        "write:bronze/recordings:committed", marks=pytest.mark.slow
-    ),
+    "write:bronze/recordings:committed",  # between the two tables a bronze micro-batch writes
     "batch:silver/recordings:written",  # after a batch is written, before Spark commits it
     "write:gold/heartrate_by_patient:uncommitted",  # while gold replaces its table
 ]
+#: One point per layer, in `make test`.
+LAYER_POINTS = [CRASH_POINTS[0], CRASH_POINTS[2], CRASH_POINTS[3]]
 
 
+def test_a_crash_in_each_layer_in_turn_then_rerun_equals_uninterrupted(prepared, tmp_path, spark):
+    """Three runs in a row are killed, in bronze, then silver, then gold: each recovers from the crash
+    before it and is killed further on. Then a run ends the job: every table is the uninterrupted run's."""
+    base, reference = prepared
+    root = tmp_path / "data"
+    shutil.copytree(base, root, symlinks=True)
+    lakehouse = Lakehouse(root, spark)
+    for point in LAYER_POINTS:
+        killed_run(root, point)
+        try:
+            assert_committed_versions_match(lakehouse, reference)
+            assert_readers_agree(lakehouse, TABLES)
+        except AssertionError as exc:
+            raise AssertionError(f"after the crash at {point}: {exc}") from exc
+    lakehouse.run()
+    assert lakehouse.contents() == reference.contents()
+    assert_readers_agree(lakehouse, TABLES)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_crash_at_point_then_rerun_equals_uninterrupted(prepared, tmp_path, spark, point):
     crash_and_recover(prepared, tmp_path, spark, point)

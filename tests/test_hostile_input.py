@@ -60,6 +60,10 @@ RECORDING_FILES = {
     "bad-times.json": lines(rec(time=T * 1000), rec(time=4_102_444_800.0), rec(time=12.0)),
     "crlf.json": lines(rec(time=T + 27)).replace(b"\n", b"\r\n"),
     "bom.json": b"\xef\xbb\xbf" + lines(rec(time=T + 28)),
+    # 2024-03-01T23:59:59Z and 2024-03-02T00:00:01Z: a different date in UTC only.
+    "midnight.json": lines(
+        rec(device=3, mrn=12, time=1709337599, hr=60), rec(device=3, mrn=12, time=1709337601, hr=80)
+    ),
 }
 IN_PROGRESS = {
     ".hidden.json": lines(rec(time=T + 29)),
@@ -68,7 +72,7 @@ IN_PROGRESS = {
 }
 PATIENT_FILES = {
     "a.csv": b"mrn,name\n7,Seven\nnot-a-number,Bad Row\n8,\n9,Too,Many,Fields\n7,Seven Renamed\n",
-    "b.csv": b'10,No Header\n11,"Quoted, Name"\n',
+    "b.csv": b'10,No Header\n11,"Quoted, Name"\n12,Twelve\n',
 }
 
 
@@ -79,7 +83,12 @@ def test_hostile_corpus(lakehouse):
     for name, data in PATIENT_FILES.items():
         land_file(landing / "patients", name, data)
 
-    result = lakehouse.run()
+    # The session starts out in another zone: the run must still cut dates in UTC.
+    lakehouse.spark.conf.set("spark.sql.session.timeZone", "America/New_York")
+    try:
+        result = lakehouse.run()
+    finally:
+        lakehouse.spark.conf.set("spark.sql.session.timeZone", "UTC")
     assert result.success
     expected = assert_gold_matches_oracle(lakehouse)
     assert_silver_matches_oracle(lakehouse, expected)
@@ -97,6 +106,8 @@ def test_hostile_corpus(lakehouse):
         "corrupt_gzip": 1,
     }
     assert (landing / "recordings" / "_rejected" / "corrupt.json.gz").exists()
+    # A name Spark's file source would misread is renamed to its percent-encoded form, then read.
+    assert (landing / "recordings" / "spaces %5Bbrackets%5D %7Bbraces%7D %2A%3F.json").exists()
     rescued = {r["time"]: r["_rescued"] for r in lakehouse.read("bronze/recordings") if r["_rescued"]}
     assert json.loads(rescued[T + 10]) == {"firmware": "2.1", "battery": {"level": 80}}
     assert len(json.loads(rescued[T + 11])["blob"]) == 10_000_000
@@ -108,7 +119,16 @@ def test_hostile_corpus(lakehouse):
     assert not {T + 29, T + 30, T + 31} & times  # in progress: not read
 
     patients = {r["mrn"]: r["name"] for r in lakehouse.read("silver/patients")}
-    assert patients == {7: "Seven Renamed", 10: "No Header", 11: "Quoted, Name"}
+    assert patients == {7: "Seven Renamed", 10: "No Header", 11: "Quoted, Name", 12: "Twelve"}
+    daily = sorted(
+        (r["date"].isoformat(), r["avg_heartrate"])
+        for r in lakehouse.read("gold/daily_patient_avg")
+        if r["mrn"] == 12
+    )
+    assert daily == [("2024-03-01", 60.0), ("2024-03-02", 80.0)]
+    # A recording of a patient not (yet) known is kept in silver, and left out of gold's joins.
+    assert 424242 in {r["mrn"] for r in lakehouse.read("silver/recordings")}
+    assert 424242 not in {r["mrn"] for r in lakehouse.read("gold/heartrate_by_patient")}
 
     # Once renamed into place, an in-progress file is read.
     (landing / "recordings" / "partial.json.tmp").rename(landing / "recordings" / "partial.json")
