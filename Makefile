@@ -31,8 +31,10 @@ demo: $(BIN)/dagster
 	$(BIN)/heartbeat-demo
 
 ## Run the test suite: the end-to-end oracle runs, a crash per layer, hostile input, sensors, the UI, units.
+# One worker per core (pytest-xdist), each with its own Spark session; whole modules to a worker, so
+# that a module's shared lakehouse is built once, in the order tests/conftest.py gives.
 test: $(DEV_BIN)/pytest
-	$(DEV_BIN)/pytest -q -m "not slow"
+	$(DEV_BIN)/pytest -q -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 ## Every test: also the cluster, Spark Connect and PostgreSQL servers, every kill point, operations.
 test-all: $(DEV_BIN)/pytest

@@ -19,6 +19,7 @@ from s3fs import S3FileSystem
 
 from heartbeat_assets.definitions import build_definitions
 from resources import TABLES, LakehouseResource, SparkSessionResource, storage
+from resources.jvm import CACHE_ENV as JVM_CACHE_ENV
 from resources.jvm import default_cache_dir, stop_warm_drivers
 from resources.spark import build_spark_session
 
@@ -28,6 +29,31 @@ settings.register_profile("thorough", max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 S3_BUCKET = "lakehouse"
+
+# Under pytest-xdist (`make test`), each worker's runs keep their warm driver JVMs in a directory of
+# their own: a worker ending its session stops its own, not those another worker's runs are using.
+if os.environ.get("PYTEST_XDIST_WORKER") and default_cache_dir() is not None:
+    os.environ[JVM_CACHE_ENV] = str(default_cache_dir() / os.environ["PYTEST_XDIST_WORKER"])
+
+#: The longest modules, longest first: `make test` hands whole modules to its workers in this order,
+#: then the rest, so that the workers end together.
+LONGEST_MODULES = [
+    "test_crashes.py",
+    "test_ui.py",
+    "test_quality.py",
+    "test_pipeline.py",
+    "test_incremental.py",
+    "test_hostile_input.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
+
 
 TEST_SPARK = {"master": "local[2]", "shuffle_partitions": 2, "stop_on_teardown": False}
 
