@@ -139,7 +139,7 @@ def test_two_waves_then_idle_match_the_oracle(lakehouse):
     assert bronze["rows_added"] == 0 and bronze["input_unchanged"]
 
 
-def test_rerun_after_a_failed_run_neither_duplicates_nor_loses(lakehouse, monkeypatch):
+def test_reruns_after_failed_runs_neither_duplicate_nor_lose(lakehouse, monkeypatch):
     sim = Simulator(lakehouse.root, seed=5, patients=4, devices=4)
     sim.land_patients()
     sim.land_recordings(files=4, records=100, faults=Faults(duplicates=0.05, invalid_heartrate=0.05))
@@ -153,21 +153,36 @@ def test_rerun_after_a_failed_run_neither_duplicates_nor_loses(lakehouse, monkey
         if tables.table_name(path) == "silver/recordings":
             raise RuntimeError("injected crash between the two writes of a silver micro-batch")
 
-    monkeypatch.setattr("heartbeat_assets.tables.append", crash_after_silver_recordings)
-    result = lakehouse.run(raise_on_error=False)
-    assert not result.success
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(tables, "append", crash_after_silver_recordings)
+        assert not lakehouse.run(raise_on_error=False).success
 
-    result = lakehouse.run()
-    expected = assert_gold_matches_oracle(lakehouse)
-    assert_silver_matches_oracle(lakehouse, expected)
-    # The failed attempt committed the batch's recordings; the rerun skipped that write and still
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure after silver")
+
+    # The next run completes silver, then fails in gold (which replaces its tables with `overwrite`).
+    with monkeypatch.context() as patched:
+        patched.setattr(tables, "overwrite", fail)
+        result = lakehouse.run(raise_on_error=False)
+        assert not result.success
+    # The first attempt committed the batch's recordings; this run skipped that write and still
     # counts them, from the commit the attempt left (bronze, done before, is skipped).
     silver_counts = lakehouse.materialization_metadata(result, "silver/recordings")
     assert silver_counts["unaccounted_rows"] == 0 and silver_counts["recordings_written"] > 0
     assert silver_counts["bronze_rows_read"] == sum(
         silver_counts[k] for k in ("recordings_written", "quarantined", "duplicates_dropped")
     )
+
+    # A query's mark is recorded only after it completes: gold, which failed, runs again though its
+    # inputs are as the failed run saw them.
+    result = lakehouse.run()
+    assert not any(
+        lakehouse.materialization_metadata(result, t).get("input_unchanged")
+        for t in TABLES
+        if t.startswith("gold/")
+    )
+    expected = assert_gold_matches_oracle(lakehouse)
+    assert_silver_matches_oracle(lakehouse, expected)
 
 
 def test_signal_loss_settings_are_run_config(lakehouse):
