@@ -3,7 +3,9 @@
 Three separate availableNow queries as in the seed notebook `000`: bronze reads the landed JSON with
 schema inference and `maxFilesPerTrigger=1` into Parquet, silver joins bronze with the patient CSV
 into Parquet, gold keeps a complete-mode average per patient. Its known bugs (`time / 1e6`, the inner
-join, `multiLine` on JSON-lines files) are left out so that it reads the same rows as the pipeline.
+join, `multiLine` on JSON-lines files) are left out so that it reads the same rows as the pipeline:
+it reads gzipped files too, and files of one JSON array each (which the benchmark copies into
+`landing/recordings_arrays/`) in multiLine mode.
 
     python -m benchmarks.baseline DATA_DIR
 """
@@ -39,9 +41,17 @@ def run(data_dir: Path) -> None:
 
     tracker = (
         spark.readStream.option("maxFilesPerTrigger", 1)
-        .option("pathGlobFilter", "*.json")
+        .option("pathGlobFilter", "{*.json,*.json.gz}")
         .json(str(data_dir / "landing" / "recordings"))
     )
+    arrays = data_dir / "landing" / "recordings_arrays"
+    if arrays.exists():  # files of one JSON array each: the JSON reader's multiLine mode
+        tracker = tracker.unionByName(
+            spark.readStream.option("maxFilesPerTrigger", 1)
+            .option("multiLine", "true")
+            .option("pathGlobFilter", "{*.json,*.json.gz}")
+            .json(str(arrays))
+        )
     bronze = out / "fact_heartbeat_bronze"
     (
         tracker.writeStream.format("parquet")

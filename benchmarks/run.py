@@ -11,6 +11,7 @@ the peak resident memory of its process tree. Prints a table and writes the numb
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from heartbeat_assets.simulator import Simulator
+from heartbeat_assets.simulator import Faults, Simulator
 from resources.jvm import default_cache_dir, stop_warm_drivers, warm_driver_keepers
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,15 @@ def _tree_memory(process: psutil.Process, warm_jvm: bool = True, server: int | N
     return total
 
 
+#: Where the baseline's copy of the landing keeps the recordings landed as JSON arrays.
+ARRAYS_FOLDER = "recordings_arrays"
+
+
+def _is_json_array(path: Path) -> bool:
+    with gzip.open(path) if path.name.endswith(".gz") else path.open("rb") as data:
+        return data.read(64).lstrip().startswith(b"[")
+
+
 class Workspace:
     """A data root and a Dagster instance of its own, for the pipeline or the baseline."""
 
@@ -137,12 +147,70 @@ class Workspace:
     def copy_landing_from(self, other: Workspace) -> None:
         shutil.copytree(other.data / "landing", self.data / "landing", dirs_exist_ok=True)
 
+    def copy_new_landings_from(self, other: Workspace) -> None:
+        """Copy the files `other` landed since the last copy, JSON-array files into a folder of their
+        own: the baseline reads JSON Lines and JSON arrays with different reader options, as a user of
+        the notebooks' way would have to."""
+        for source in sorted((other.data / "landing").rglob("*")):
+            if not source.is_file():
+                continue
+            relative = source.relative_to(other.data / "landing")
+            if relative.parts[0] == "recordings" and _is_json_array(source):
+                relative = Path(ARRAYS_FOLDER, *relative.parts[1:])
+            target = self.data / "landing" / relative
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
 
-def land(workspace: Workspace, files: int, records: int, wave: int, devices: int = 50) -> None:
+
+def land(
+    workspace: Workspace, files: int, records: int, wave: int, devices: int = 50, faults: Faults | None = None
+) -> None:
     sim = Simulator(workspace.data, seed=5, patients=devices, devices=devices)
     if wave == 0:
         sim.land_patients()
-    sim.land_recordings(files, records, wave=wave, progress=files >= 200)
+    sim.land_recordings(files, records, faults=faults, wave=wave, progress=files * records >= 200_000)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A way the same recordings arrive: files of `per_file` recordings, a share of them gzipped
+    (`.json.gz`) or written as one JSON array instead of JSON Lines."""
+
+    per_file: int
+    gzip_files: float = 0.0
+    array_files: float = 0.0
+
+    def faults(self) -> Faults:
+        return Faults(gzip_files=self.gzip_files, array_files=self.array_files)
+
+    def describe(self, files: int) -> str:
+        mixed = " (some gzipped, some JSON arrays)" if self.gzip_files or self.array_files else ""
+        return f"{files} files of {self.per_file:,}{mixed}"
+
+
+#: Shapes users have, besides the many small files of `bench_load` (`--files`): the same number of
+#: recordings in medium files and in a few large ones.
+SHAPES = {"medium": Shape(10_000), "large": Shape(100_000, gzip_files=0.3, array_files=0.3)}
+
+
+def bench_shapes(root: Path, args, results: dict) -> None:
+    """Initial load and +10 files for each shape in `args.shapes`: ours and the baseline, same files."""
+    for name in args.shapes:
+        shape = SHAPES[name]
+        per_file = shape.per_file // 100 if args.quick else shape.per_file
+        files = max(1, args.records // per_file)
+        ours, base = Workspace(root, f"ours-{name}"), Workspace(root, f"baseline-{name}")
+        measured: dict = {"files": files, "per_file": per_file, "describe": shape.describe(files)}
+        print(f"Shape {name}: landing {shape.describe(files)} ...", flush=True)
+        for key, wave, count in (("initial_load", 0, files), ("plus_10_files", 1, 10)):
+            land(ours, count, per_file, wave=wave, faults=shape.faults())
+            base.copy_new_landings_from(ours)
+            measured[key] = {"ours": asdict(ours.medallion())}
+            if not args.skip_baseline:
+                measured[key]["baseline"] = asdict(base.baseline())
+            print(f"  {name}, {key.replace('_', ' ')}: {measured[key]}", flush=True)
+        results.setdefault("shapes", {})[name] = measured
 
 
 def prepare_class_archive(root: Path, results: dict) -> None:
@@ -454,8 +522,8 @@ def machine() -> dict:
 def table(results: dict) -> str:
     """The results as a Markdown table: ours, the baseline where there is one, ratio and target."""
 
-    def wall(key: str, who: str = "ours"):
-        entry = results.get(key, {}).get(who)
+    def wall(key: str, who: str = "ours", within: dict = results):
+        entry = within.get(key, {}).get(who)
         return entry["wall_s"] if entry else None
 
     session = results["session_start"]["wall_s"]
@@ -474,6 +542,16 @@ def table(results: dict) -> str:
         ours, per_run = wall("plus_10_files_spark_connect"), wall("plus_10_files_jvm_per_run")
         label = f"+10 files, warm Spark Connect server, median of {plus_10_runs} (s)"
         rows.append((label, ours, "-", f"{ours / per_run:.2f} of a JVM per run", "ratio <= 0.5"))
+    for shape in results.get("shapes", {}).values():
+        labels = (f"initial load, {shape['describe']}", f"+10 files of {shape['per_file']:,} after it")
+        for key, label in zip(("initial_load", "plus_10_files"), labels, strict=True):
+            ours, base = wall(key, "ours", shape), wall(key, "baseline", shape)
+            ratio = f"{ours / base:.2f}" if base else "-"
+            rows.append((f"{label} (s)", ours, base or "-", ratio, "ratio <= 0.33"))
+        memory = shape["initial_load"]["ours"]["peak_rss_mib"]
+        rows.append(
+            (f"peak memory, initial load, {shape['per_file']:,} per file (MiB)", memory, "-", "-", "<= 1536")
+        )
     if "idle_run" in results:
         rows.append(("idle run (s)", wall("idle_run"), "-", "-", f"<= session start + 3 = {session + 3:.1f}"))
     rows.append(("session start (s)", session, "-", "-", "-"))
@@ -522,6 +600,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--records", type=int, default=2_000_000, help="recordings in the initial load")
     parser.add_argument("--files", type=int, default=1000, help="files they arrive in")
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=list(SHAPES),
+        help=f"other shapes of the same recordings, comma-separated, of: {', '.join(SHAPES)} "
+        "(each: initial load and +10 files, against the baseline); '' for none",
+    )
     parser.add_argument("--history-files", type=int, default=10_000)
     parser.add_argument("--history-records", type=int, default=20, help="recordings per history file")
     parser.add_argument(
@@ -540,6 +625,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the benchmark")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and logs")
     args = parser.parse_args(argv)
+    if unknown := [name for name in args.shapes if name not in SHAPES]:
+        parser.error(f"--shapes: no shape {', '.join(unknown)}; the shapes are {', '.join(SHAPES)}")
     if args.connect:
         try:
             import pyspark.sql.connect.session  # noqa: F401  (grpcio, pandas, pyarrow, ...)
@@ -562,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare_class_archive(root, results)
         if not args.only_latency:
             bench_load(root, args, results)
+            bench_shapes(root, args, results)
             bench_history(root, args, results)
             bench_sensor_tick(root, args, results)
         if not args.skip_latency:
