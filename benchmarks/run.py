@@ -194,6 +194,74 @@ class Shape:
 SHAPES = {"medium": Shape(10_000), "large": Shape(100_000, gzip_files=0.3, array_files=0.3)}
 
 
+#: Spark's phases of a streaming query's micro-batches, as the assets report them (`spark_<phase>_ms`).
+QUERY_PHASES = ("latestOffset", "getBatch", "queryPlanning", "addBatch", "walCommit", "commitOffsets")
+
+
+def profile(workspace: Workspace, wall_s: float) -> dict:
+    """Where the workspace's newest run spent its time, from its Dagster event log.
+
+    Each step's time; in it, each streaming query's time by Spark's phases (`addBatch` runs the
+    micro-batch: read, transform, write) and the step's time outside its queries (table state and
+    commits of batch writes, asset checks, metadata; in the first step, Spark's start). Dagster's
+    share is the run's wall time outside its steps: the process's start, imports, loading the code,
+    the instance's storage.
+    """
+    from dagster import DagsterEventType, DagsterInstance
+
+    with DagsterInstance.from_config(str(workspace.home)) as instance:
+        (run,) = instance.get_runs(limit=1)
+        logs = instance.all_logs(run.run_id)
+    steps: dict[str, dict] = {}
+    for entry in logs:
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type == DagsterEventType.STEP_START:
+            steps[entry.step_key] = {"started": entry.timestamp, "queries": {}}
+        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+            step = steps[entry.step_key]
+            step["step_s"] = round(entry.timestamp - step.pop("started"), 2)
+        elif event.is_step_materialization:
+            materialization = event.step_materialization_data.materialization
+            metadata = {key: value.value for key, value in materialization.metadata.items()}
+            if "query_duration_s" in metadata:
+                phases = {p: round(metadata.get(f"spark_{p}_ms", 0) / 1000, 2) for p in QUERY_PHASES}
+                query = {"query_s": metadata["query_duration_s"], **phases}
+                steps[entry.step_key]["queries"][materialization.asset_key.to_user_string()] = query
+    for step in steps.values():
+        # A query that writes two tables reports the same numbers on each: name it once, by both.
+        by_numbers: dict[tuple, list[str]] = {}
+        for table, query in step["queries"].items():
+            by_numbers.setdefault(tuple(query.items()), []).append(table)
+        step["queries"] = {" + ".join(tables): dict(numbers) for numbers, tables in by_numbers.items()}
+        # Queries of one step may run at once (gold's): its time outside them is at least zero.
+        step["outside_queries_s"] = round(
+            max(0.0, step["step_s"] - sum(q["query_s"] for q in step["queries"].values())), 2
+        )
+    return {
+        "wall_s": wall_s,
+        "dagster_s": round(wall_s - sum(s["step_s"] for s in steps.values()), 2),
+        "steps": steps,
+    }
+
+
+def profile_table(measured: dict) -> str:
+    """A run's profile as a Markdown table: one row per step, then one per streaming query in it."""
+    rows = [("step / query", "s", *QUERY_PHASES)]
+    for name, step in measured["steps"].items():
+        rows.append((name, step["step_s"], *["" for _ in QUERY_PHASES]))
+        for table, query in step["queries"].items():
+            rows.append((f"  query {table}", query["query_s"], *(query[p] for p in QUERY_PHASES)))
+        rows.append(("  outside its queries", step["outside_queries_s"], *["" for _ in QUERY_PHASES]))
+    rows.append(("Dagster, outside the steps", measured["dagster_s"], *["" for _ in QUERY_PHASES]))
+    rows.append(("the whole run", measured["wall_s"], *["" for _ in QUERY_PHASES]))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
 def bench_shapes(root: Path, args, results: dict) -> None:
     """Initial load and +10 files for each shape in `args.shapes`: ours and the baseline, same files."""
     for name in args.shapes:
@@ -207,6 +275,9 @@ def bench_shapes(root: Path, args, results: dict) -> None:
             land(ours, count, per_file, wave=wave, faults=shape.faults())
             base.copy_new_landings_from(ours)
             measured[key] = {"ours": asdict(ours.medallion())}
+            if args.profile and key == "initial_load":
+                measured["initial_load_profile"] = profile(ours, measured[key]["ours"]["wall_s"])
+                print(profile_table(measured["initial_load_profile"]), flush=True)
             if not args.skip_baseline:
                 measured[key]["baseline"] = asdict(base.baseline())
             print(f"  {name}, {key.replace('_', ' ')}: {measured[key]}", flush=True)
@@ -246,6 +317,9 @@ def bench_load(root: Path, args, results: dict) -> None:
     base.copy_landing_from(ours)
     results["initial_load"] = {"ours": asdict(ours.medallion())}
     print(f"  initial load, ours: {results['initial_load']['ours']}", flush=True)
+    if args.profile:
+        results["initial_load_profile"] = profile(ours, results["initial_load"]["ours"]["wall_s"])
+        print(profile_table(results["initial_load_profile"]), flush=True)
     if not args.skip_baseline:
         results["initial_load"]["baseline"] = asdict(base.baseline())
         print(f"  initial load, baseline: {results['initial_load']['baseline']}", flush=True)
@@ -615,6 +689,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensor-files", type=int, default=100_000)
     parser.add_argument("--latency-landings", type=int, default=20)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="print where each initial load spent its time, step by step"
+    )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument(
         "--connect",
