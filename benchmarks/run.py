@@ -699,6 +699,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also measure +10 files and the latency through a warm Spark Connect server",
     )
     parser.add_argument("--only-latency", action="store_true", help="measure the latency only")
+    parser.add_argument(
+        "--only-shapes",
+        action="store_true",
+        help="measure the shapes of --shapes only (initial load, +10 files)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the benchmark")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and logs")
     args = parser.parse_args(argv)
@@ -724,12 +729,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         results["session_start"] = asdict(measure(SESSION_START, dict(os.environ), root / "session.log"))
         prepare_class_archive(root, results)
-        if not args.only_latency:
+        if args.only_shapes:
+            bench_shapes(root, args, results)
+        elif not args.only_latency:
             bench_load(root, args, results)
             bench_shapes(root, args, results)
             bench_history(root, args, results)
             bench_sensor_tick(root, args, results)
-        if not args.skip_latency:
+        if not (args.skip_latency or args.only_shapes):
             bench_latency(root, args, results)
             if args.connect:
                 bench_latency(root, args, results, "jvm_per_run")
@@ -752,7 +759,9 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     # A partial run is named for what it measured; a second run of one commit on one day does not
     # overwrite the first (results are compared across runs as well as commits).
-    kind = "-quick" if args.quick else "-latency" if args.only_latency else ""
+    kind = (
+        "-quick" if args.quick else "-latency" if args.only_latency else "-shapes" if args.only_shapes else ""
+    )
     stem = f"{report['date'][:10]}-{report['commit'] or 'nocommit'}{kind}"
     name, runs = f"{stem}.json", 1
     while (RESULTS / name).exists():
