@@ -246,6 +246,20 @@ def profile(workspace: Workspace, wall_s: float) -> dict:
     }
 
 
+def markdown(rows: list[tuple]) -> str:
+    """`rows` (the first is the header) as a Markdown table with aligned columns."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def record_profile(workspace: Workspace, measured: dict) -> None:
+    """Add the profile of the workspace's initial load (just run) to `measured`, and print it."""
+    measured["initial_load_profile"] = profile(workspace, measured["initial_load"]["ours"]["wall_s"])
+    print(profile_table(measured["initial_load_profile"]), flush=True)
+
+
 def profile_table(measured: dict) -> str:
     """A run's profile as a Markdown table: one row per step, then one per streaming query in it."""
     rows = [("step / query", "s", *QUERY_PHASES)]
@@ -256,10 +270,7 @@ def profile_table(measured: dict) -> str:
         rows.append(("  outside its queries", step["outside_queries_s"], *["" for _ in QUERY_PHASES]))
     rows.append(("Dagster, outside the steps", measured["dagster_s"], *["" for _ in QUERY_PHASES]))
     rows.append(("the whole run", measured["wall_s"], *["" for _ in QUERY_PHASES]))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown(rows)
 
 
 def bench_shapes(root: Path, args, results: dict) -> None:
@@ -276,8 +287,7 @@ def bench_shapes(root: Path, args, results: dict) -> None:
             base.copy_new_landings_from(ours)
             measured[key] = {"ours": asdict(ours.medallion())}
             if args.profile and key == "initial_load":
-                measured["initial_load_profile"] = profile(ours, measured[key]["ours"]["wall_s"])
-                print(profile_table(measured["initial_load_profile"]), flush=True)
+                record_profile(ours, measured)
             if not args.skip_baseline:
                 measured[key]["baseline"] = asdict(base.baseline())
             print(f"  {name}, {key.replace('_', ' ')}: {measured[key]}", flush=True)
@@ -318,8 +328,7 @@ def bench_load(root: Path, args, results: dict) -> None:
     results["initial_load"] = {"ours": asdict(ours.medallion())}
     print(f"  initial load, ours: {results['initial_load']['ours']}", flush=True)
     if args.profile:
-        results["initial_load_profile"] = profile(ours, results["initial_load"]["ours"]["wall_s"])
-        print(profile_table(results["initial_load_profile"]), flush=True)
+        record_profile(ours, results)
     if not args.skip_baseline:
         results["initial_load"]["baseline"] = asdict(base.baseline())
         print(f"  initial load, baseline: {results['initial_load']['baseline']}", flush=True)
@@ -662,10 +671,7 @@ def table(results: dict) -> str:
             if per_run and key.endswith("spark_connect"):
                 ratio = f"{lat['p50_s'] / per_run['p50_s']:.2f} / {lat['p95_s'] / per_run['p95_s']:.2f}"
             rows.append((label, f"{lat['p50_s']} / {lat['p95_s']}", "-", ratio, target))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
