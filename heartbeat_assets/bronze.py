@@ -182,21 +182,25 @@ def parse_recordings(files: DataFrame) -> DataFrame:
         .where(F.length(F.ltrim(line, F.lit(BLANK))) > 0)
         .select("document", (F.col("pos") + 1).alias("source_line"), "source_file", "source_modified_at")
     )
+    # Whatever depends on a whole document is computed once per document, before the explode: after
+    # it, each of an array's elements would carry the document and parse it again (quadratic time).
     is_array = F.ltrim("document", F.lit(BLANK)).startswith("[")
-    array = F.from_json("document", "array<string>", STRICT_JSON)
-    elements = documents.select(
-        "*",
-        (is_array & array.isNull()).alias("_malformed_array"),
-        F.posexplode(F.when(is_array & array.isNotNull(), array).otherwise(F.array("document"))).alias(
-            "_index", "raw"
-        ),
+    array = F.col("_array")
+    documents = documents.select(
+        "*", F.when(is_array, F.from_json("document", "array<string>", STRICT_JSON)).alias("_array")
     ).select(
+        F.when(array.isNotNull(), array).otherwise(F.array("document")).alias("_elements"),
+        (is_array & array.isNull()).alias("_malformed_array"),
+        array.isNotNull().alias("_is_array"),
+        "source_line",
+        "source_file",
+        "source_modified_at",
+    )
+    elements = documents.select("*", F.posexplode("_elements").alias("_index", "raw")).select(
         F.coalesce("raw", F.lit("null")).alias("raw"),  # a JSON null element reads as a SQL NULL
         "source_file",
         "source_line",
-        F.when(is_array & ~F.col("_malformed_array"), F.col("_index") + 1)
-        .cast("int")
-        .alias("source_element"),
+        F.when(F.col("_is_array"), F.col("_index") + 1).cast("int").alias("source_element"),
         "source_modified_at",
         "_malformed_array",
     )
