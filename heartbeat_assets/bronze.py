@@ -230,11 +230,15 @@ def parse_recordings(files: DataFrame) -> DataFrame:
             )
         )
     )
-    # The top-level keys of an element (a strict scan: null where the parse allows more, e.g. NaN)
-    # tell whether it has fields beyond the recording's; only then are they rescued.
+    # Every key in JSON is followed by a `:`. So a clean recording with no more `:` than it has
+    # fields has no other key, and is not scanned again: most elements are such.
+    colons = F.length("raw") - F.length(F.replace("raw", F.lit(":"), F.lit("")))
+    no_other_key = clean & (colons == len(RECORDING_FIELDS))
+    # Else the top-level keys of an element (a strict scan: null where the parse allows more, e.g.
+    # NaN) tell whether it has fields beyond the recording's; only then are they rescued.
     unknown_keys = F.array_except(F.json_object_keys("raw"), F.array(*map(F.lit, RECORDING_FIELDS)))
     extras = F.map_filter(as_object, lambda key, _: ~key.isin(*RECORDING_FIELDS))
-    rescued = F.when(F.size(unknown_keys) == 0, F.lit(None).cast("string")).otherwise(
+    rescued = F.when(no_other_key | (F.size(unknown_keys) == 0), F.lit(None).cast("string")).otherwise(
         F.when(F.size(extras) > 0, F.to_json(extras))
     )
     return parsed.select(
