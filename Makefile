@@ -44,7 +44,7 @@ test-all: $(DEV_BIN)/pytest
 ui: $(BIN)/dagster
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-## The benchmark against the notebook-style baseline (30-60 minutes by the machine; results in benchmarks/results/).
+## The benchmark against the notebook-style baseline (35-65 minutes by the machine; results in benchmarks/results/).
 bench: $(BIN)/dagster
 	$(BIN)/python -m benchmarks.run
 

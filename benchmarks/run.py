@@ -683,8 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--shapes",
         type=lambda text: [name for name in text.split(",") if name],
-        # The large shape is not in a default run yet: its JSON arrays take bronze over 10 minutes.
-        default=["medium"],
+        default=list(SHAPES),
         help=f"other shapes of the same recordings, comma-separated, of: {', '.join(SHAPES)} "
         "(each: initial load and +10 files, against the baseline); '' for none",
     )
