@@ -44,8 +44,17 @@ test-all: $(DEV_BIN)/pytest
 ui: $(BIN)/dagster
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# Spark Declarative Pipelines, the benchmark's peer, apart from the product's environment: the same
+# pyspark, with the pipelines CLI and its Spark Connect client libraries.
+DECLARATIVE_BIN := .venv-declarative/bin
+
+$(DECLARATIVE_BIN)/spark-pipelines: $(BIN)/dagster
+	$(PYTHON) -m venv .venv-declarative
+	$(DECLARATIVE_BIN)/pip install --quiet "pyspark[pipelines]==$$($(BIN)/python -c 'import pyspark; print(pyspark.__version__)')" "pandas>=2.2,<3"
+	touch $@
+
 ## The benchmark against the notebook-style baseline (35-65 minutes by the machine; results in benchmarks/results/).
-bench: $(BIN)/dagster
+bench: $(BIN)/dagster $(DECLARATIVE_BIN)/spark-pipelines
 	$(BIN)/python -m benchmarks.run
 
 lint: $(DEV_BIN)/pytest

@@ -38,6 +38,9 @@ RESULTS = PROJECT / "benchmarks" / "results"
 #: Dagster's daemon evaluates sensors at most this often (`MIN_INTERVAL_LOOP_TIME`).
 SENSOR_LOOP_S = 5
 MEDALLION = [str(BIN / "dagster"), "job", "execute", "-m", "heartbeat_assets", "-j", "medallion"]
+#: Spark Declarative Pipelines, the peer, in a virtual environment of its own (`make bench` makes it).
+DECLARATIVE_BIN = PROJECT / ".venv-declarative" / "bin"
+DECLARATIVE_PIPELINE = PROJECT / "benchmarks" / "declarative" / "heartbeat.py"
 SESSION_START = [
     sys.executable,
     "-c",
@@ -57,13 +60,13 @@ def median(runs: list[Measured]) -> Measured:
     return Measured(statistics.median(run.wall_s for run in runs), max(run.peak_rss_mib for run in runs))
 
 
-def measure(command: list[str], env: dict[str, str], log: Path) -> Measured:
+def measure(command: list[str], env: dict[str, str], log: Path, cwd: Path = PROJECT) -> Measured:
     """Run `command` to its end; its wall time and the peak resident memory of its process tree."""
     started = time.perf_counter()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
-        process = psutil.Popen(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = psutil.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak = 0
         warm_jvm = env.get("HEARTBEAT_WARM_JVM", "").strip() not in ("0", "0.0")
         server = _connect_server_pid(env.get("HEARTBEAT_SPARK_REMOTE"))
@@ -143,6 +146,45 @@ class Workspace:
 
     def baseline(self) -> Measured:
         return measure([sys.executable, "-m", "benchmarks.baseline", str(self.data)], self.env(), self.log)
+
+    def declarative(self) -> Measured:
+        """One `spark-pipelines run` of the peer over this workspace's landing. Its tables and their
+        catalog (a Derby metastore) live in the workspace, so each run continues from the last."""
+        spec = self.data.parent / "spark-pipeline.yml"
+        pipeline = {  # JSON is YAML
+            "name": "heartbeat_peer",
+            # A path relative to the spec's folder: SDP takes no absolute one.
+            "libraries": [{"glob": {"include": os.path.relpath(DECLARATIVE_PIPELINE, spec.parent)}}],
+            "storage": (self.data / "storage").as_uri(),
+            "configuration": {
+                "spark.sql.shuffle.partitions": "2",
+                "spark.sql.session.timeZone": "UTC",
+                "spark.sql.streaming.schemaInference": "true",
+                "heartbeat.landing": str(self.data / "landing"),
+            },
+        }
+        spec.write_text(json.dumps(pipeline, indent=2))
+        command = [
+            str(DECLARATIVE_BIN / "spark-pipelines"), "run", "--spec", str(spec),
+            "--conf", f"spark.sql.warehouse.dir={self.data / 'warehouse'}",
+            "--conf", "spark.sql.catalogImplementation=hive",
+            "--conf", "spark.ui.enabled=false",
+        ]  # fmt: skip
+        env = {**self.env(), "PATH": f"{DECLARATIVE_BIN}{os.pathsep}{os.environ['PATH']}"}
+        env["PYSPARK_PYTHON"] = str(DECLARATIVE_BIN / "python")
+        measured = measure(command, env, self.log, cwd=self.data.parent)  # Derby's files go there
+        gold = self.data / "warehouse" / "fact_heartbeat_by_patient_gold"
+        count = (
+            "import sys, pyarrow.parquet as pq; print(sum(pq.read_table(sys.argv[1])['count'].to_pylist()))"
+        )
+        counted = subprocess.run(
+            [str(DECLARATIVE_BIN / "python"), "-c", count, str(gold)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        self.declarative_gold_rows = int(counted.stdout)
+        return measured
 
     def copy_landing_from(self, other: Workspace) -> None:
         shutil.copytree(other.data / "landing", self.data / "landing", dirs_exist_ok=True)
@@ -280,6 +322,7 @@ def bench_shapes(root: Path, args, results: dict) -> None:
         per_file = shape.per_file // 100 if args.quick else shape.per_file
         files = max(1, args.records // per_file)
         ours, base = Workspace(root, f"ours-{name}"), Workspace(root, f"baseline-{name}")
+        peer = Workspace(root, f"declarative-{name}")
         measured: dict = {"files": files, "per_file": per_file, "describe": shape.describe(files)}
         print(f"Shape {name}: landing {shape.describe(files)} ...", flush=True)
         for key, wave, count in (("initial_load", 0, files), ("plus_10_files", 1, 10)):
@@ -290,8 +333,30 @@ def bench_shapes(root: Path, args, results: dict) -> None:
                 record_profile(ours, measured)
             if not args.skip_baseline:
                 measured[key]["baseline"] = asdict(base.baseline())
+            if declarative_peer(args):
+                peer.copy_new_landings_from(ours)
+                measured[key]["declarative"] = asdict(peer.declarative())
+                landed = (files + (10 if key == "plus_10_files" else 0)) * per_file
+                check_declarative_rows(peer, landed)
             print(f"  {name}, {key.replace('_', ' ')}: {measured[key]}", flush=True)
         results.setdefault("shapes", {})[name] = measured
+
+
+def declarative_peer(args) -> bool:
+    """Whether to run the Spark Declarative Pipelines peer: asked for, and installed."""
+    if args.skip_declarative:
+        return False
+    if not (DECLARATIVE_BIN / "spark-pipelines").exists():
+        sys.exit("The Spark Declarative Pipelines peer is not installed: run `make bench`, which makes "
+                 "it, or pass --skip-declarative.")  # fmt: skip
+    return True
+
+
+def check_declarative_rows(peer: Workspace, landed: int) -> None:
+    """The peer's gold counts every recording landed, or its time is not a measurement of the work."""
+    if peer.declarative_gold_rows != landed:
+        sys.exit(f"The declarative peer's gold counts {peer.declarative_gold_rows} recordings, not the "
+                 f"{landed} landed; see {peer.log}")  # fmt: skip
 
 
 def prepare_class_archive(root: Path, results: dict) -> None:
@@ -332,6 +397,12 @@ def bench_load(root: Path, args, results: dict) -> None:
     if not args.skip_baseline:
         results["initial_load"]["baseline"] = asdict(base.baseline())
         print(f"  initial load, baseline: {results['initial_load']['baseline']}", flush=True)
+    if declarative_peer(args):
+        peer = Workspace(root, "declarative")
+        peer.copy_landing_from(ours)
+        results["initial_load"]["declarative"] = asdict(peer.declarative())
+        check_declarative_rows(peer, args.files * per_file)
+        print(f"  initial load, declarative: {results['initial_load']['declarative']}", flush=True)
     # Each the median of `args.pickups` pickups in a row: one run varies by seconds here.
     pickups: dict[str, list[Measured]] = {"ours": [], "baseline": []}
     for wave in range(1, args.pickups + 1):
@@ -602,6 +673,12 @@ def machine() -> dict:
     }
 
 
+def _declarative_row(label: str, ours: float, peer: float, key: str) -> tuple:
+    """A row of ours against the Spark Declarative Pipelines peer (in the baseline's column)."""
+    target = "ratio <= 0.7" if key == "initial_load" else "-"
+    return (f"{label}, against Spark Declarative Pipelines", ours, peer, f"{ours / peer:.2f}", target)
+
+
 def table(results: dict) -> str:
     """The results as a Markdown table: ours, the baseline where there is one, ratio and target."""
 
@@ -621,6 +698,8 @@ def table(results: dict) -> str:
             continue
         ours, base = wall(key), wall(key, "baseline")
         rows.append((label, ours, base or "-", f"{ours / base:.2f}" if base else "-", "ratio <= 0.33"))
+        if peer := wall(key, "declarative"):
+            rows.append(_declarative_row(label, ours, peer, key))
     if "plus_10_files_spark_connect" in results and "plus_10_files_jvm_per_run" in results:
         ours, per_run = wall("plus_10_files_spark_connect"), wall("plus_10_files_jvm_per_run")
         label = f"+10 files, warm Spark Connect server, median of {plus_10_runs} (s)"
@@ -631,6 +710,8 @@ def table(results: dict) -> str:
             ours, base = wall(key, "ours", shape), wall(key, "baseline", shape)
             ratio = f"{ours / base:.2f}" if base else "-"
             rows.append((f"{label} (s)", ours, base or "-", ratio, "ratio <= 0.33"))
+            if peer := wall(key, "declarative", shape):
+                rows.append(_declarative_row(f"{label} (s)", ours, peer, key))
         memory = shape["initial_load"]["ours"]["peak_rss_mib"]
         rows.append(
             (f"peak memory, initial load, {shape['per_file']:,} per file (MiB)", memory, "-", "-", "<= 1536")
@@ -695,6 +776,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensor-files", type=int, default=100_000)
     parser.add_argument("--latency-landings", type=int, default=20)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--skip-declarative", action="store_true", help="without the Spark Declarative Pipelines peer"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="print where each initial load spent its time, step by step"
     )
