@@ -186,9 +186,6 @@ class Workspace:
         self.declarative_gold_rows = int(counted.stdout)
         return measured
 
-    def copy_landing_from(self, other: Workspace) -> None:
-        shutil.copytree(other.data / "landing", self.data / "landing", dirs_exist_ok=True)
-
     def copy_new_landings_from(self, other: Workspace) -> None:
         """Copy the files `other` landed since the last copy, JSON-array files into a folder of their
         own: the baseline reads JSON Lines and JSON arrays with different reader options, as a user of
@@ -389,7 +386,7 @@ def bench_load(root: Path, args, results: dict) -> None:
     per_file = args.records // args.files
     print(f"Landing {args.files} files of {per_file} recordings ...", flush=True)
     land(ours, args.files, per_file, wave=0)
-    base.copy_landing_from(ours)
+    base.copy_new_landings_from(ours)
     results["initial_load"] = {"ours": asdict(ours.medallion())}
     print(f"  initial load, ours: {results['initial_load']['ours']}", flush=True)
     if args.profile:
@@ -399,7 +396,7 @@ def bench_load(root: Path, args, results: dict) -> None:
         print(f"  initial load, baseline: {results['initial_load']['baseline']}", flush=True)
     if declarative_peer(args):
         peer = Workspace(root, "declarative")
-        peer.copy_landing_from(ours)
+        peer.copy_new_landings_from(ours)
         results["initial_load"]["declarative"] = asdict(peer.declarative())
         check_declarative_rows(peer, args.files * per_file)
         print(f"  initial load, declarative: {results['initial_load']['declarative']}", flush=True)
@@ -407,7 +404,7 @@ def bench_load(root: Path, args, results: dict) -> None:
     pickups: dict[str, list[Measured]] = {"ours": [], "baseline": []}
     for wave in range(1, args.pickups + 1):
         land(ours, 10, per_file, wave=wave)
-        base.copy_landing_from(ours)
+        base.copy_new_landings_from(ours)
         pickups["ours"].append(ours.medallion())
         if not args.skip_baseline:
             pickups["baseline"].append(base.baseline())
