@@ -46,10 +46,11 @@ ui: $(BIN)/dagster
 
 # Spark Declarative Pipelines, the benchmark's peer, apart from the product's environment: the same
 # pyspark, with the pipelines CLI and its Spark Connect client libraries.
-DECLARATIVE_BIN := .venv-declarative/bin
+DECLARATIVE_VENV := .venv-declarative
+DECLARATIVE_BIN := $(DECLARATIVE_VENV)/bin
 
 $(DECLARATIVE_BIN)/spark-pipelines: $(BIN)/dagster
-	$(PYTHON) -m venv .venv-declarative
+	$(PYTHON) -m venv $(DECLARATIVE_VENV)
 	$(DECLARATIVE_BIN)/pip install --quiet "pyspark[pipelines]==$$($(BIN)/python -c 'import pyspark; print(pyspark.__version__)')" "pandas>=2.2,<3"
 	touch $@
 

@@ -15,8 +15,28 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+RECORDINGS_GLOB = "{*.json,*.json.gz}"
+
+
+def silver_rows(bronze: DataFrame, patients: DataFrame) -> DataFrame:
+    """The notebooks' silver: recordings with the patient's name (left join), typed."""
+    return bronze.join(patients, "mrn", "left").select(
+        F.col("device_id").cast("int"),
+        F.col("mrn").cast("long"),
+        F.col("time").cast("timestamp").alias("datetime"),
+        F.col("heartrate").cast("double"),
+        F.col("name").alias("patient_name"),
+    )
+
+
+def by_patient(silver: DataFrame) -> DataFrame:
+    """The notebooks' gold: the average heart rate (rounded up) and the recordings of each patient."""
+    return silver.groupBy("patient_name").agg(
+        F.ceil(F.avg("heartrate")).alias("avg_heartrate"), F.count("device_id").alias("count")
+    )
 
 
 def run(data_dir: Path) -> None:
@@ -41,7 +61,7 @@ def run(data_dir: Path) -> None:
 
     tracker = (
         spark.readStream.option("maxFilesPerTrigger", 1)
-        .option("pathGlobFilter", "{*.json,*.json.gz}")
+        .option("pathGlobFilter", RECORDINGS_GLOB)
         .json(str(data_dir / "landing" / "recordings"))
     )
     arrays = data_dir / "landing" / "recordings_arrays"
@@ -49,7 +69,7 @@ def run(data_dir: Path) -> None:
         tracker = tracker.unionByName(
             spark.readStream.option("maxFilesPerTrigger", 1)
             .option("multiLine", "true")
-            .option("pathGlobFilter", "{*.json,*.json.gz}")
+            .option("pathGlobFilter", RECORDINGS_GLOB)
             .json(str(arrays))
         )
     bronze = out / "fact_heartbeat_bronze"
@@ -63,20 +83,9 @@ def run(data_dir: Path) -> None:
     )
 
     silver = out / "fact_heartbeat_silver"
-    silver_rows = (
-        spark.readStream.format("parquet")
-        .load(str(bronze))
-        .join(patients, "mrn", "left")
-        .select(
-            F.col("device_id").cast("int"),
-            F.col("mrn").cast("long"),
-            F.col("time").cast("timestamp").alias("datetime"),
-            F.col("heartrate").cast("double"),
-            F.col("name").alias("patient_name"),
-        )
-    )
     (
-        silver_rows.writeStream.format("parquet")
+        silver_rows(spark.readStream.format("parquet").load(str(bronze)), patients)
+        .writeStream.format("parquet")
         .outputMode("append")
         .trigger(availableNow=True)
         .option("checkpointLocation", str(out / "_checkpoints" / "silver"))
@@ -84,14 +93,9 @@ def run(data_dir: Path) -> None:
         .awaitTermination()
     )
 
-    gold = (
-        spark.readStream.format("parquet")
-        .load(str(silver))
-        .groupBy("patient_name")
-        .agg(F.ceil(F.avg("heartrate")).alias("avg_heartrate"), F.count("device_id").alias("count"))
-    )
     (
-        gold.writeStream.outputMode("complete")
+        by_patient(spark.readStream.format("parquet").load(str(silver)))
+        .writeStream.outputMode("complete")
         .queryName("fact_heartbeat_by_patient_gold")
         .format("memory")
         .trigger(availableNow=True)

@@ -147,8 +147,9 @@ class Workspace:
     def baseline(self) -> Measured:
         return measure([sys.executable, "-m", "benchmarks.baseline", str(self.data)], self.env(), self.log)
 
-    def declarative(self) -> Measured:
-        """One `spark-pipelines run` of the peer over this workspace's landing. Its tables and their
+    def declarative(self, landed: int) -> Measured:
+        """One `spark-pipelines run` of the peer over this workspace's landing, whose gold must count
+        the `landed` recordings (else its time measures less than the work). Its tables and their
         catalog (a Derby metastore) live in the workspace, so each run continues from the last."""
         spec = self.data.parent / "spark-pipeline.yml"
         pipeline = {  # JSON is YAML
@@ -172,6 +173,7 @@ class Workspace:
         ]  # fmt: skip
         env = {**self.env(), "PATH": f"{DECLARATIVE_BIN}{os.pathsep}{os.environ['PATH']}"}
         env["PYSPARK_PYTHON"] = str(DECLARATIVE_BIN / "python")
+        env["PYTHONPATH"] = str(PROJECT)  # the pipeline imports the baseline's transformations
         measured = measure(command, env, self.log, cwd=self.data.parent)  # Derby's files go there
         gold = self.data / "warehouse" / "fact_heartbeat_by_patient_gold"
         count = (
@@ -183,7 +185,9 @@ class Workspace:
             text=True,
             check=True,
         )
-        self.declarative_gold_rows = int(counted.stdout)
+        if int(counted.stdout) != landed:
+            sys.exit(f"The declarative peer's gold counts {int(counted.stdout)} recordings, not the "
+                     f"{landed} landed; see {self.log}")  # fmt: skip
         return measured
 
     def copy_new_landings_from(self, other: Workspace) -> None:
@@ -322,8 +326,10 @@ def bench_shapes(root: Path, args, results: dict) -> None:
         peer = Workspace(root, f"declarative-{name}")
         measured: dict = {"files": files, "per_file": per_file, "describe": shape.describe(files)}
         print(f"Shape {name}: landing {shape.describe(files)} ...", flush=True)
+        landed = 0
         for key, wave, count in (("initial_load", 0, files), ("plus_10_files", 1, 10)):
             land(ours, count, per_file, wave=wave, faults=shape.faults())
+            landed += count * per_file
             base.copy_new_landings_from(ours)
             measured[key] = {"ours": asdict(ours.medallion())}
             if args.profile and key == "initial_load":
@@ -332,9 +338,7 @@ def bench_shapes(root: Path, args, results: dict) -> None:
                 measured[key]["baseline"] = asdict(base.baseline())
             if declarative_peer(args):
                 peer.copy_new_landings_from(ours)
-                measured[key]["declarative"] = asdict(peer.declarative())
-                landed = (files + (10 if key == "plus_10_files" else 0)) * per_file
-                check_declarative_rows(peer, landed)
+                measured[key]["declarative"] = asdict(peer.declarative(landed))
             print(f"  {name}, {key.replace('_', ' ')}: {measured[key]}", flush=True)
         results.setdefault("shapes", {})[name] = measured
 
@@ -347,13 +351,6 @@ def declarative_peer(args) -> bool:
         sys.exit("The Spark Declarative Pipelines peer is not installed: run `make bench`, which makes "
                  "it, or pass --skip-declarative.")  # fmt: skip
     return True
-
-
-def check_declarative_rows(peer: Workspace, landed: int) -> None:
-    """The peer's gold counts every recording landed, or its time is not a measurement of the work."""
-    if peer.declarative_gold_rows != landed:
-        sys.exit(f"The declarative peer's gold counts {peer.declarative_gold_rows} recordings, not the "
-                 f"{landed} landed; see {peer.log}")  # fmt: skip
 
 
 def prepare_class_archive(root: Path, results: dict) -> None:
@@ -397,8 +394,7 @@ def bench_load(root: Path, args, results: dict) -> None:
     if declarative_peer(args):
         peer = Workspace(root, "declarative")
         peer.copy_new_landings_from(ours)
-        results["initial_load"]["declarative"] = asdict(peer.declarative())
-        check_declarative_rows(peer, args.files * per_file)
+        results["initial_load"]["declarative"] = asdict(peer.declarative(args.files * per_file))
         print(f"  initial load, declarative: {results['initial_load']['declarative']}", flush=True)
     # Each the median of `args.pickups` pickups in a row: one run varies by seconds here.
     pickups: dict[str, list[Measured]] = {"ours": [], "baseline": []}

@@ -1,22 +1,22 @@
 """The baseline's pipeline as Spark Declarative Pipelines: the benchmark's peer (`spark-pipelines run`).
 
-The same semantics as `benchmarks/baseline.py`, written as a user of SDP would: bronze a streaming
-table of the landed JSON (schema inferred; files of one JSON array each read in multiLine mode from
-their own folder, in the same query), silver a streaming table joined with the patients, gold a
-materialized view of the average heart rate per patient. Tables are Parquet in the pipeline's
-warehouse.
+The semantics of `benchmarks/baseline.py`, whose silver and gold transformations it runs, written as
+a user of SDP would: bronze a streaming table of the landed JSON (schema inferred; files of one JSON
+array each read in multiLine mode from their own folder, in the same query), silver a streaming table
+joined with the patients, gold a materialized view of the average heart rate per patient. Tables are
+Parquet in the pipeline's warehouse. `benchmarks` must be importable (PYTHONPATH).
 """
 
 from pathlib import Path
 
 from pyspark import pipelines as dp
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+
+from benchmarks.baseline import RECORDINGS_GLOB, by_patient, silver_rows
 
 spark = SparkSession.active()
 LANDING = Path(spark.conf.get("heartbeat.landing"))
 ARRAYS = LANDING / "recordings_arrays"
-RECORDINGS_GLOB = "{*.json,*.json.gz}"
 
 
 @dp.materialized_view
@@ -37,23 +37,9 @@ def fact_heartbeat_bronze() -> DataFrame:
 
 @dp.table
 def fact_heartbeat_silver() -> DataFrame:
-    return (
-        spark.readStream.table("fact_heartbeat_bronze")
-        .join(spark.read.table("dim_patient"), "mrn", "left")
-        .select(
-            F.col("device_id").cast("int"),
-            F.col("mrn").cast("long"),
-            F.col("time").cast("timestamp").alias("datetime"),
-            F.col("heartrate").cast("double"),
-            F.col("name").alias("patient_name"),
-        )
-    )
+    return silver_rows(spark.readStream.table("fact_heartbeat_bronze"), spark.read.table("dim_patient"))
 
 
 @dp.materialized_view
 def fact_heartbeat_by_patient_gold() -> DataFrame:
-    return (
-        spark.read.table("fact_heartbeat_silver")
-        .groupBy("patient_name")
-        .agg(F.ceil(F.avg("heartrate")).alias("avg_heartrate"), F.count("device_id").alias("count"))
-    )
+    return by_patient(spark.read.table("fact_heartbeat_silver"))
