@@ -114,7 +114,8 @@ def merge_patients(batch: DataFrame, table: Path, query_id: str, batch_id: int) 
         "spark.databricks.delta.commitInfo.userMetadata", json.dumps({"query": query_id, "batch": batch_id})
     )
     try:
-        session.sql(MERGE_NEWEST.format(table=tables.sql_name(table), batch="patients_batch"))
+        merge = MERGE_NEWEST.format(table=tables.sql_name(table), batch="patients_batch")
+        tables.commit_idempotent(lambda: session.sql(merge), table)
     finally:
         session.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
     kill_point("write:silver/patients:committed")

@@ -17,17 +17,22 @@ Reading the log needs no Spark: delta-rs (`deltalake`) gives a table's version, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
+from py4j.protocol import Py4JError, Py4JJavaError
+from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from heartbeat_assets.killpoints import kill_point
 from resources.storage import delta_rs_options
+
+log = logging.getLogger(__name__)
 
 #: Properties every table is created with. delta-rs, DuckDB and Polars read these tables, so no table
 #: feature beyond the basic protocol is enabled (deletion vectors, column mapping, ...).
@@ -69,14 +74,14 @@ def create_table(
 def append(df: DataFrame, path: Path, *, query_id: str, batch_id: int, metadata: dict | None = None) -> None:
     """Append `df` to the table as micro-batch `batch_id` of streaming query `query_id`: skipped if
     that batch was committed before. `metadata` (JSON) goes into the commit's `userMetadata`."""
-    (
+    writer = (
         df.write.format("delta")
         .mode("append")
         .option("txnAppId", query_id)
         .option("txnVersion", batch_id)
         .option("userMetadata", json.dumps({**(metadata or {}), "query": query_id, "batch": batch_id}))
-        .save(str(path))
     )
+    commit_idempotent(lambda: writer.save(str(path)), path)
     kill_point(f"write:{table_name(path)}:committed")
 
 
@@ -116,6 +121,47 @@ def append_split(
             query_id=query_id,
             batch_id=batch_id,
         )
+
+
+#: Delta's conflicts between two writers of one table: a commit landed while this write ran that
+#: changes what the write read (the batch's `txnVersion`, the rows a MERGE matched). Conditions, or
+#: their prefixes.
+CONFLICTS = (
+    "DELTA_CONCURRENT_TRANSACTION",
+    "DELTA_CONCURRENT_APPEND",
+    "DELTA_CONCURRENT_DELETE_READ",
+    "DELTA_CONCURRENT_DELETE_DELETE",
+)
+
+
+def commit_idempotent(write: Callable[[], None], path: Path) -> None:
+    """Run `write`, a write that does nothing when run again after it committed (an append of one
+    streaming batch, a MERGE that keeps the newest row); after a conflict with another writer, once more.
+
+    The other writer is this write's own double: a run killed while its batch ran on a Spark Connect
+    server leaves that batch's writer running there, and the next run, which stops the old query,
+    writes the same batch while the old writer's commit lands. Run again, the write reads that commit
+    (the batch's `txnVersion`, the MERGE's rows) and has nothing left to do, or writes what is missing.
+    """
+    try:
+        write()
+    except (PySparkException, Py4JJavaError) as exc:
+        condition = error_condition(exc) or ""
+        if not condition.startswith(CONFLICTS):
+            raise
+        log.warning("%s: %s, another writer committed first; writing again", table_name(path), condition)
+        write()
+
+
+def error_condition(exc: Exception) -> str | None:
+    """Spark's error condition of `exc` (such as DELTA_CONCURRENT_TRANSACTION), through Spark Connect
+    or from a local driver's JVM."""
+    if isinstance(exc, PySparkException):
+        return exc.getCondition()
+    try:
+        return exc.java_exception.getErrorClass()
+    except Py4JError:  # not a SparkThrowable
+        return None
 
 
 def overwrite(df: DataFrame, path: Path, metadata: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,13 +24,17 @@ from pathlib import Path
 import pyspark
 import pytest
 from dagster import AssetKey, DagsterInstance
+from deltalake import DeltaTable
+from pyspark.sql import SparkSession
 
+from heartbeat_assets import tables
 from heartbeat_assets.simulator import Faults, Simulator
 from resources import TABLES, LakehouseResource, SparkSessionResource, delta_lake, storage
 from resources import connect_server as connect_server_process
 from resources.spark import LOCAL_DEFAULTS
 from tests.conftest import MOTO_SETTINGS, Lakehouse, delta_rs_rows, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
+from tests.test_tables import write_while_a_double_commits
 
 # In `make test-all` only: servers of their own (a standalone cluster, Spark Connect).
 pytestmark = pytest.mark.slow
@@ -66,7 +71,16 @@ def wait_until(condition, timeout: float, interval: float = 0.5) -> bool:
 
 
 def tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} does not exist)"
+    """The end of a log, after the first lines anywhere in it that name an error condition
+    ([DELTA_...], [PYTHON_EXCEPTION], ...), which a long stack trace would push out of the end."""
+    if not path.exists():
+        return f"({path} does not exist)"
+    text = path.read_text(errors="replace")
+    conditions = list(dict.fromkeys(line for line in text.splitlines() if ERROR_CONDITION.search(line)))
+    return "\n".join([*conditions[:5], "...", text[-chars:]])
+
+
+ERROR_CONDITION = re.compile(r"\[[A-Z][A-Z0-9_]{4,}(\.[A-Z0-9_]+)?\]")
 
 
 # The data: a few files with faults, landed once; every run gets its own copy of the data root.
@@ -354,6 +368,29 @@ def test_medallion_through_spark_connect(connect_server, landed, local_gold, tmp
     }  # fmt: skip
     assert_counts_reported(instance)
     assert_gold_as_local_and_oracle(data, spark, local_gold)
+
+
+def test_a_batch_whose_double_commits_first_is_written_once_through_connect(connect_server, tmp_path):
+    """Through Spark Connect, Delta's conflict with a double of the batch reaches the writer as an
+    error condition too: the write reads the double's commit and skips (`tables.commit_idempotent`)."""
+    url, _ = connect_server
+    session = SparkSession.builder.remote(url).create()
+    try:
+        table = tmp_path / "t"
+        tables.create_table(session, table, session.createDataFrame([], "id int").schema)
+        rows = session.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")
+
+        def write(blocked):
+            tables.append(rows.select(blocked("id").alias("id")), table, query_id="q", batch_id=0)
+
+        raised = write_while_a_double_commits(
+            tmp_path, write, lambda: tables.append(rows, table, query_id="q", batch_id=0)
+        )
+        assert not raised, raised
+        assert delta_rs_rows(table) == [(0,), (1,), (2,)]
+        assert DeltaTable(str(table)).version() == 1
+    finally:
+        session.stop()
 
 
 def test_connect_server_launcher_serves_a_command_and_stops_with_it(tmp_path):

@@ -5,6 +5,7 @@ from datetime import date, datetime
 from heartbeat_assets import tables
 from heartbeat_assets.batch_writers import current_patients, merge_patients
 from heartbeat_assets.silver import clean_recordings, deduplicate, validate_recordings
+from tests.test_tables import write_while_a_double_commits
 
 LANDED = datetime(2024, 1, 2)
 BRONZE = (
@@ -138,3 +139,32 @@ def test_merging_batches_in_any_order_keeps_the_newest_row_of_each_patient(spark
         (2, "Bob", "file:/b.csv"),
         (3, "Cy", "file:/a.csv"),
     ]
+
+
+def test_a_merge_whose_double_commits_first_changes_nothing_more(spark, tmp_path):
+    """A killed run's MERGE of a patients batch (left running on a Connect server) commits while the
+    next run merges the same batch: Delta's conflict makes the run merge again, which finds every row
+    in place."""
+    schema = (
+        "mrn string, name string, _extra string, source_file string, source_line int, "
+        "source_modified_at timestamp"
+    )
+    batch = spark.createDataFrame(
+        [
+            ("1", "Ann", None, "file:/a.csv", 1, datetime(2024, 1, 1)),
+            ("2", "Bob", None, "file:/a.csv", 2, datetime(2024, 1, 1)),
+        ],
+        schema,
+    ).coalesce(1)  # one task slot of two: the double needs the other
+    table = tmp_path / "patients"
+    tables.create_table(spark, table, current_patients(batch).schema)
+
+    def merge(blocked):
+        merge_patients(batch.withColumn("name", blocked("name")), table, query_id="q", batch_id=0)
+
+    raised = write_while_a_double_commits(
+        tmp_path, merge, lambda: merge_patients(batch, table, query_id="q", batch_id=0), data_type="string"
+    )
+    assert not raised, raised
+    dimension = spark.read.format("delta").load(str(table)).select("mrn", "name")
+    assert sorted(tuple(r) for r in dimension.collect()) == [(1, "Ann"), (2, "Bob")]

@@ -138,3 +138,67 @@ def test_a_reader_polling_a_replaced_table_sees_whole_versions_only(spark, tmp_p
     # Every version stays readable (time travel), until the retention lets VACUUM remove it.
     assert len(rows_of(spark, table, version=1)) == versions[0]  # version 0 is the empty table's creation
     assert len(rows_of(spark, table, version=2)) == versions[1]
+
+
+def blocked_until(started, go, data_type="int"):
+    """A UDF that marks `started`, then waits for `go`: holds a write open between its transaction's
+    start and its commit."""
+
+    def wait(value):
+        import time as _time
+        from pathlib import Path as _Path
+
+        _Path(started).touch()
+        deadline = _time.monotonic() + 120
+        while not _Path(go).exists() and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        return value
+
+    return F.udf(wait, data_type, useArrow=False)
+
+
+def write_while_a_double_commits(tmp_path, write, double, data_type="int"):
+    """Run `write` in a thread until its data job is underway, then `double` (the same batch, written by
+    another writer) to completion, then let `write` commit. What `write` raised, if anything."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    raised = []
+
+    def run():
+        try:
+            write(blocked_until(str(started), str(go), data_type))
+        except Exception as exc:  # noqa: BLE001 (handed to the test)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        for _ in range(1200):
+            if started.exists() or not thread.is_alive():
+                break
+            threading.Event().wait(0.05)
+        assert started.exists(), raised
+        double()
+    finally:
+        go.touch()
+        thread.join()
+    return raised
+
+
+def test_a_batch_whose_double_commits_first_is_written_once(spark, tmp_path):
+    """A killed run's writer of batch 0 (left running on a Connect server) commits while the next run
+    writes batch 0 again: Delta's conflict (DELTA_CONCURRENT_TRANSACTION) makes the run's write read that
+    commit and skip, and the batch is in the table once."""
+    table = tmp_path / "t"
+    tables.create_table(spark, table, spark.createDataFrame([], "id int").schema)
+    rows = spark.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")  # one task slot of two
+
+    def write(blocked):
+        tables.append(rows.select(blocked("id").alias("id")), table, query_id="q", batch_id=0)
+
+    raised = write_while_a_double_commits(
+        tmp_path, write, lambda: tables.append(rows, table, query_id="q", batch_id=0)
+    )
+    assert not raised, raised
+    assert rows_of(spark, table) == [(0,), (1,), (2,)]
+    delta = DeltaTable(str(table))
+    assert delta.version() == 1 and len(tables.batch_commits(delta, "q", [0])) == 1
