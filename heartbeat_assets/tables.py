@@ -135,13 +135,15 @@ CONFLICTS = (
 
 
 def commit_idempotent(write: Callable[[], None], path: Path) -> None:
-    """Run `write`, a write that does nothing when run again after it committed (an append of one
-    streaming batch, a MERGE that keeps the newest row); after a conflict with another writer, once more.
+    """Run `write`, a write whose second run leaves the table as its first did (an append of one
+    streaming batch, a MERGE that keeps the newest row, a replacement of every row); after a conflict
+    with another writer, once more.
 
     The other writer is this write's own double: a run killed while its batch ran on a Spark Connect
     server leaves that batch's writer running there, and the next run, which stops the old query,
     writes the same batch while the old writer's commit lands. Run again, the write reads that commit
-    (the batch's `txnVersion`, the MERGE's rows) and has nothing left to do, or writes what is missing.
+    (the batch's `txnVersion`, the MERGE's rows) and has nothing left to do, or writes what is missing;
+    a replacement replaces the double's rows.
     """
     try:
         write()
@@ -165,8 +167,11 @@ def error_condition(exc: Exception) -> str | None:
 
 
 def overwrite(df: DataFrame, path: Path, metadata: dict) -> None:
-    """Replace the table's rows with `df` in one commit; `metadata` goes into its `userMetadata`."""
-    df.write.format("delta").mode("overwrite").option("userMetadata", json.dumps(metadata)).save(str(path))
+    """Replace the table's rows with `df` in one commit; `metadata` goes into its `userMetadata`.
+    A replacement that conflicts with another (a killed run's, finished by a Connect server) is made
+    again: the newest build replaces the older one."""
+    writer = df.write.format("delta").mode("overwrite").option("userMetadata", json.dumps(metadata))
+    commit_idempotent(lambda: writer.save(str(path)), path)
     kill_point(f"write:{table_name(path)}:committed")
 
 

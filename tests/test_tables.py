@@ -202,3 +202,22 @@ def test_a_batch_whose_double_commits_first_is_written_once(spark, tmp_path):
     assert rows_of(spark, table) == [(0,), (1,), (2,)]
     delta = DeltaTable(str(table))
     assert delta.version() == 1 and len(tables.batch_commits(delta, "q", [0])) == 1
+
+
+def test_a_replacement_whose_double_commits_first_is_made_again(spark, tmp_path):
+    """A killed run's replacement of a gold table (finished by a Connect server) commits while the
+    next run replaces the table: Delta's conflict makes the run replace it again, so its newer rows win."""
+    table = tmp_path / "gold"
+    tables.create_table(spark, table, spark.createDataFrame([], "id int").schema)
+    newer = spark.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")
+
+    def replace(blocked):
+        tables.overwrite(newer.select(blocked("id").alias("id")), table, {"build": "newer"})
+
+    older = spark.createDataFrame([(7,)], "id int")
+    raised = write_while_a_double_commits(
+        tmp_path, replace, lambda: tables.overwrite(older, table, {"build": "older"})
+    )
+    assert not raised, raised
+    assert rows_of(spark, table) == [(0,), (1,), (2,)]
+    assert tables.last_commit(DeltaTable(str(table)))["userMetadata"] == {"build": "newer"}
