@@ -25,16 +25,13 @@ import pyspark
 import pytest
 from dagster import AssetKey, DagsterInstance
 from deltalake import DeltaTable
-from pyspark.sql import SparkSession
 
-from heartbeat_assets import tables
 from heartbeat_assets.simulator import Faults, Simulator
 from resources import TABLES, LakehouseResource, SparkSessionResource, delta_lake, storage
 from resources import connect_server as connect_server_process
 from resources.spark import LOCAL_DEFAULTS
 from tests.conftest import MOTO_SETTINGS, Lakehouse, delta_rs_rows, free_port
 from tests.test_pipeline import assert_gold_matches_oracle, assert_silver_matches_oracle
-from tests.test_tables import write_while_a_double_commits
 
 # In `make test-all` only: servers of their own (a standalone cluster, Spark Connect).
 pytestmark = pytest.mark.slow
@@ -370,27 +367,42 @@ def test_medallion_through_spark_connect(connect_server, landed, local_gold, tmp
     assert_gold_as_local_and_oracle(data, spark, local_gold)
 
 
+#: A Spark Connect client of its own: a Connect session marks its process as a Connect client for
+#: good (`SPARK_CONNECT_MODE_ENABLED`), which would turn the test session's local Spark into one.
+CONNECT_DOUBLE = """
+import sys
+from pathlib import Path
+from pyspark.sql import SparkSession
+from heartbeat_assets import tables
+from tests.test_tables import write_while_a_double_commits
+
+url, root = sys.argv[1], Path(sys.argv[2])
+session = SparkSession.builder.remote(url).create()
+table = root / "t"
+tables.create_table(session, table, session.createDataFrame([], "id int").schema)
+rows = session.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")
+
+def write(blocked):
+    tables.append(rows.select(blocked("id").alias("id")), table, query_id="q", batch_id=0)
+
+double = lambda: tables.append(rows, table, query_id="q", batch_id=0)  # noqa: E731
+raised = write_while_a_double_commits(root, write, double)
+session.stop()
+sys.exit(repr(raised) if raised else 0)
+"""
+
+
 def test_a_batch_whose_double_commits_first_is_written_once_through_connect(connect_server, tmp_path):
     """Through Spark Connect, Delta's conflict with a double of the batch reaches the writer as an
     error condition too: the write reads the double's commit and skips (`tables.commit_idempotent`)."""
     url, _ = connect_server
-    session = SparkSession.builder.remote(url).create()
-    try:
-        table = tmp_path / "t"
-        tables.create_table(session, table, session.createDataFrame([], "id int").schema)
-        rows = session.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")
-
-        def write(blocked):
-            tables.append(rows.select(blocked("id").alias("id")), table, query_id="q", batch_id=0)
-
-        raised = write_while_a_double_commits(
-            tmp_path, write, lambda: tables.append(rows, table, query_id="q", batch_id=0)
-        )
-        assert not raised, raised
-        assert delta_rs_rows(table) == [(0,), (1,), (2,)]
-        assert DeltaTable(str(table)).version() == 1
-    finally:
-        session.stop()
+    done = subprocess.run(
+        [sys.executable, "-c", CONNECT_DOUBLE, url, str(tmp_path)],
+        cwd=PROJECT, env=spark_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert delta_rs_rows(tmp_path / "t") == [(0,), (1,), (2,)]
+    assert DeltaTable(str(tmp_path / "t")).version() == 1
 
 
 def test_connect_server_launcher_serves_a_command_and_stops_with_it(tmp_path):
