@@ -373,20 +373,10 @@ CONNECT_DOUBLE = """
 import sys
 from pathlib import Path
 from pyspark.sql import SparkSession
-from heartbeat_assets import tables
-from tests.test_tables import write_while_a_double_commits
+from tests.test_tables import append_while_its_double_commits
 
-url, root = sys.argv[1], Path(sys.argv[2])
-session = SparkSession.builder.remote(url).create()
-table = root / "t"
-tables.create_table(session, table, session.createDataFrame([], "id int").schema)
-rows = session.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")
-
-def write(blocked):
-    tables.append(rows.select(blocked("id").alias("id")), table, query_id="q", batch_id=0)
-
-double = lambda: tables.append(rows, table, query_id="q", batch_id=0)  # noqa: E731
-raised = write_while_a_double_commits(root, write, double)
+session = SparkSession.builder.remote(sys.argv[1]).create()
+_, raised = append_while_its_double_commits(session, Path(sys.argv[2]))
 session.stop()
 sys.exit(repr(raised) if raised else 0)
 """

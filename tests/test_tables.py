@@ -184,20 +184,26 @@ def write_while_a_double_commits(tmp_path, write, double, data_type="int"):
     return raised
 
 
-def test_a_batch_whose_double_commits_first_is_written_once(spark, tmp_path):
-    """A killed run's writer of batch 0 (left running on a Connect server) commits while the next run
-    writes batch 0 again: Delta's conflict (DELTA_CONCURRENT_TRANSACTION) makes the run's write read that
-    commit and skip, and the batch is in the table once."""
-    table = tmp_path / "t"
-    tables.create_table(spark, table, spark.createDataFrame([], "id int").schema)
-    rows = spark.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")  # one task slot of two
+def append_while_its_double_commits(session, root):
+    """Batch 0 of query q (three rows) appended to a new table at `root`/t while a double of it commits:
+    the table, and what the append raised."""
+    table = root / "t"
+    tables.create_table(session, table, session.createDataFrame([], "id int").schema)
+    rows = session.range(0, 3, 1, numPartitions=1).selectExpr("CAST(id AS int) AS id")  # one task slot of two
 
     def write(blocked):
         tables.append(rows.select(blocked("id").alias("id")), table, query_id="q", batch_id=0)
 
-    raised = write_while_a_double_commits(
-        tmp_path, write, lambda: tables.append(rows, table, query_id="q", batch_id=0)
+    return table, write_while_a_double_commits(
+        root, write, lambda: tables.append(rows, table, query_id="q", batch_id=0)
     )
+
+
+def test_a_batch_whose_double_commits_first_is_written_once(spark, tmp_path):
+    """A killed run's writer of batch 0 (left running on a Connect server) commits while the next run
+    writes batch 0 again: Delta's conflict (DELTA_CONCURRENT_TRANSACTION) makes the run's write read that
+    commit and skip, and the batch is in the table once."""
+    table, raised = append_while_its_double_commits(spark, tmp_path)
     assert not raised, raised
     assert rows_of(spark, table) == [(0,), (1,), (2,)]
     delta = DeltaTable(str(table))
