@@ -24,6 +24,7 @@ from pathlib import Path
 import pyspark
 
 from resources import delta_lake
+from resources.jvm import driver_environment
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 15002
@@ -58,7 +59,7 @@ def daemon_env(port: int) -> dict[str, str]:
     and this Python for the server's Python workers (its `foreachBatch` writers import this project)."""
     home = state_dir(port)
     return {
-        **os.environ,
+        **driver_environment(dict(os.environ)),
         "SPARK_HOME": str(SPARK_HOME),
         "SPARK_LOG_DIR": str(home),
         "SPARK_PID_DIR": str(home),

@@ -43,6 +43,20 @@ CACHE_ENV = "HEARTBEAT_JVM_CACHE"
 DUMP_TIMEOUT_S = 300
 
 
+#: Environment every driver JVM of the project starts with (a run's own, the warm driver, the Spark
+#: Connect server), unless the user's sets it. glibc's malloc gives a process's threads up to 8 arenas
+#: of 64 MiB per core; a Spark driver's ~270 threads spread its native allocations (RocksDB's,
+#: compression codecs') over 20 and more arenas, each partly empty. With two, the peak memory of
+#: the 20-file load of 2M recordings was 1500 and 1506 MiB instead of 1559 and 1613 in a warm driver,
+#: 1343 and 1408 instead of 1441 in a new one, in the same time (alternating runs).
+DRIVER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
+
+
+def driver_environment(environment: dict[str, str]) -> dict[str, str]:
+    """`environment` with `DRIVER_ENVIRONMENT`'s values where it has none of its own."""
+    return {**DRIVER_ENVIRONMENT, **environment}
+
+
 def default_cache_dir() -> Path | None:
     configured = os.environ.get(CACHE_ENV)
     if configured is not None:
@@ -152,8 +166,8 @@ LAUNCH_SETTINGS = (
     "spark.submit.",
     "spark.sql.codegen.cache.maxEntries",
 )
-#: Environment that the JVM or spark-submit reads when it starts.
-LAUNCH_ENVIRONMENT = ("SPARK_", "PYSPARK_", "HADOOP_", "JAVA_", "_JAVA_", "JDK_")
+#: Environment that the JVM, its C library or spark-submit reads when it starts.
+LAUNCH_ENVIRONMENT = ("SPARK_", "PYSPARK_", "HADOOP_", "JAVA_", "_JAVA_", "JDK_", "MALLOC_")
 GATEWAY_ENVIRONMENT = ("PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")
 
 #: In the folder's name: a keeper that runs code from before a change to these files (a project
@@ -189,7 +203,7 @@ class WarmDriver:
         self.launch_config = {k: v for k, v in config.items() if k.startswith(LAUNCH_SETTINGS)}
         environment = {
             k: v
-            for k, v in os.environ.items()
+            for k, v in driver_environment(dict(os.environ)).items()
             if k.startswith(LAUNCH_ENVIRONMENT) and k not in GATEWAY_ENVIRONMENT
         }
         java = java_binary()
@@ -265,7 +279,9 @@ class WarmDriver:
         launch = {"config": self.launch_config, "cache_dir": str(self.cache_dir), "idle_s": self.idle_s}
         (self.dir / "launch.json").write_text(json.dumps(launch))
         (self.dir / "gateway.json").unlink(missing_ok=True)
-        environment = {k: v for k, v in os.environ.items() if k not in GATEWAY_ENVIRONMENT}
+        environment = {
+            k: v for k, v in driver_environment(dict(os.environ)).items() if k not in GATEWAY_ENVIRONMENT
+        }
         # Appending, so that the keeper can empty the file under the JVM (see `cap_log`).
         with open(self.log_path, "w"), open(self.log_path, "a") as log:
             # A session of its own: the keeper outlives this run and its process group.

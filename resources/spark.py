@@ -20,6 +20,7 @@ from pyspark import SparkContext
 
 from resources import delta_lake, storage
 from resources.jvm import (
+    DRIVER_ENVIRONMENT,
     WARM_IDLE_S,
     ClassArchive,
     WarmDriver,
@@ -448,6 +449,9 @@ def build_spark_session(config: dict[str, str]):
             "Spark needs Java 17 but no `java` was found on PATH and JAVA_HOME is not set. "
             "Install it (Debian/Ubuntu: `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
         )
+    # pyspark starts the JVM with this process's environment.
+    added = {key: value for key, value in DRIVER_ENVIRONMENT.items() if key not in os.environ}
+    os.environ.update(added)
     try:
         return spark_session_from_config(config)
     except Exception as exc:  # pyspark raises several types when the JVM cannot start
@@ -457,6 +461,9 @@ def build_spark_session(config: dict[str, str]):
                 "JAVA_HOME points at it."
             ) from exc
         raise
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def build_connect_session(url: str, config: dict[str, str]):

@@ -69,6 +69,8 @@ with build_resources({"spark": resource}) as resources:
         "frees_each_object": gateway.gateway_property.enable_memory_management,
         "listeners_at_start": listeners_at_start, "compiled": compiled.getCount() - compiled_at_start,
         "shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions"),
+        "jvm_malloc_arenas": spark._jvm.java.lang.System.getenv("MALLOC_ARENA_MAX"),
+        "own_malloc_arenas": os.environ.get("MALLOC_ARENA_MAX"),
     }
     print("RESULT", json.dumps(found))
     sys.stdout.flush()
@@ -105,9 +107,11 @@ def start_session(
     idle_s: str = "60",
     *extra: str,
     shuffle_partitions: int = 1,
+    **environment: str,
 ):
     env = {
         **os.environ,
+        **environment,
         "HEARTBEAT_JVM_CACHE": str(cache),
         "SESSION_SHUFFLE_PARTITIONS": str(shuffle_partitions),
     }
@@ -186,18 +190,23 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
 
 
 def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
-    """...which compiles with C1 only (it lives for one run); the warm JVM with C1 and C2."""
+    """...which compiles with C1 only (it lives for one run); the warm JVM with C1 and C2. Either
+    JVM gets the project's malloc arenas unless the run's environment chooses its own, and the
+    run's process keeps its environment as it was."""
     hold = tmp_path / "release"
     holder = start_session(tmp_path, cache, "holder", hold=hold)
     try:
         taken = session_result(holder)
         other = run_session(tmp_path, cache, "other")
+        chosen = run_session(tmp_path, cache, "chosen", idle_s="0", MALLOC_ARENA_MAX="3")
     finally:
         hold.touch()
     assert holder.wait(timeout=120) == 0
     assert other["sums"] == [45]
     assert other["jvm_pid"] != taken["jvm_pid"]
     assert (taken["jit"], other["jit"]) == (4, 1)  # TieredStopAtLevel: 4 is C2's level
+    arenas = [(run["jvm_malloc_arenas"], run["own_malloc_arenas"]) for run in (taken, other, chosen)]
+    assert arenas == [("2", None), ("2", None), ("3", "3")]
     wait_until(lambda: not alive(other["jvm_pid"]), timeout=30, what="a run's own JVM ends with the run")
     assert keeper_gateway(cache)["jvm_pid"] == taken["jvm_pid"]
 
