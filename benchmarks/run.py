@@ -118,7 +118,7 @@ def _tree_memory(process: psutil.Process, warm_jvm: bool = True, server: int | N
 ARRAYS_FOLDER = "recordings_arrays"
 
 
-def _is_json_array(path: Path) -> bool:
+def is_json_array(path: Path) -> bool:
     with gzip.open(path) if path.name.endswith(".gz") else path.open("rb") as data:
         return data.read(64).lstrip().startswith(b"[")
 
@@ -198,7 +198,7 @@ class Workspace:
             if not source.is_file():
                 continue
             relative = source.relative_to(other.data / "landing")
-            if relative.parts[0] == "recordings" and _is_json_array(source):
+            if relative.parts[0] == "recordings" and is_json_array(source):
                 relative = Path(ARRAYS_FOLDER, *relative.parts[1:])
             target = self.data / "landing" / relative
             if not target.exists():
@@ -334,6 +334,8 @@ def bench_shapes(root: Path, args, results: dict) -> None:
             measured[key] = {"ours": asdict(ours.medallion())}
             if args.profile and key == "initial_load":
                 record_profile(ours, measured)
+                measured["parse_floor"] = parse_floor(ours)
+                print(f"  {name}, parse alone: {measured['parse_floor']}", flush=True)
             if not args.skip_baseline:
                 measured[key]["baseline"] = asdict(base.baseline())
             if declarative_peer(args):
@@ -341,6 +343,20 @@ def bench_shapes(root: Path, args, results: dict) -> None:
                 measured[key]["declarative"] = asdict(peer.declarative(landed))
             print(f"  {name}, {key.replace('_', ' ')}: {measured[key]}", flush=True)
         results.setdefault("shapes", {})[name] = measured
+
+
+def parse_floor(workspace: Workspace) -> dict:
+    """`benchmarks.parse_floor` over the recordings landed in `workspace`, in a process of its own."""
+    command = [sys.executable, "-m", "benchmarks.parse_floor", str(workspace.data / "landing" / "recordings")]
+    with workspace.log.open("a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+        log.flush()
+        done = subprocess.run(
+            command, cwd=PROJECT, env=workspace.env(), stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    if done.returncode != 0:
+        sys.exit(f"`{' '.join(command)}` failed with exit code {done.returncode}; see {workspace.log}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def declarative_peer(args) -> bool:
@@ -706,6 +722,10 @@ def table(results: dict) -> str:
             rows.append((f"{label} (s)", ours, base or "-", ratio, "ratio <= 0.33"))
             if peer := wall(key, "declarative", shape):
                 rows.append(_declarative_row(f"{label} (s)", ours, peer, key))
+        if floor := shape.get("parse_floor"):
+            label = f"bronze's parse alone / Spark's JSON reader, {shape['describe']} (s)"
+            ours, reader = floor["bronze_parse_s"], floor["json_reader_s"]
+            rows.append((label, ours, reader, f"{ours / reader:.2f}", "-"))
         memory = shape["initial_load"]["ours"]["peak_rss_mib"]
         rows.append(
             (f"peak memory, initial load, {shape['per_file']:,} per file (MiB)", memory, "-", "-", "<= 1536")
