@@ -227,9 +227,9 @@ class Shape:
     def faults(self) -> Faults:
         return Faults(gzip_files=self.gzip_files, array_files=self.array_files)
 
-    def describe(self, files: int) -> str:
+    def describe(self, files: int, per_file: int) -> str:
         mixed = " (some gzipped, some JSON arrays)" if self.gzip_files or self.array_files else ""
-        return f"{files} files of {self.per_file:,}{mixed}"
+        return f"{files} files of {per_file:,}{mixed}"
 
 
 #: Shapes users have, besides the many small files of `bench_load` (`--files`): the same number of
@@ -324,8 +324,8 @@ def bench_shapes(root: Path, args, results: dict) -> None:
         files = max(1, args.records // per_file)
         ours, base = Workspace(root, f"ours-{name}"), Workspace(root, f"baseline-{name}")
         peer = Workspace(root, f"declarative-{name}")
-        measured: dict = {"files": files, "per_file": per_file, "describe": shape.describe(files)}
-        print(f"Shape {name}: landing {shape.describe(files)} ...", flush=True)
+        measured: dict = {"files": files, "per_file": per_file, "describe": shape.describe(files, per_file)}
+        print(f"Shape {name}: landing {shape.describe(files, per_file)} ...", flush=True)
         landed = 0
         for key, wave, count in (("initial_load", 0, files), ("plus_10_files", 1, 10)):
             land(ours, count, per_file, wave=wave, faults=shape.faults())
