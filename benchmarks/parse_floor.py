@@ -53,10 +53,11 @@ def timed(frame: DataFrame) -> float:
 
 def main(landing: Path) -> dict[str, float]:
     files = sorted(
-        path for path in landing.iterdir() if path.is_file() and not path.name.startswith((".", "_"))
+        str(path) for path in landing.iterdir() if path.is_file() and not path.name.startswith((".", "_"))
     )
-    arrays = [str(path) for path in files if is_json_array(path)]
-    lines = [str(path) for path in files if str(path) not in arrays]
+    arrays, lines = [], []
+    for path in files:
+        (arrays if is_json_array(Path(path)) else lines).append(path)
     spark = (
         SparkSession.builder.master("local[*]")
         .config("spark.driver.memory", "768m")  # as the pipeline's driver
@@ -71,7 +72,7 @@ def main(landing: Path) -> dict[str, float]:
         for _ in range(ROUNDS):  # the last round's times: the first warms the session
             found = {
                 "json_reader_s": round(timed(json_reader(spark, lines, arrays)), 2),
-                "bronze_parse_s": round(timed(bronze_parse(spark, [str(path) for path in files])), 2),
+                "bronze_parse_s": round(timed(bronze_parse(spark, files)), 2),
             }
         return found
     finally:

@@ -59,7 +59,7 @@ def daemon_env(port: int) -> dict[str, str]:
     and this Python for the server's Python workers (its `foreachBatch` writers import this project)."""
     home = state_dir(port)
     return {
-        **driver_environment(dict(os.environ)),
+        **driver_environment(),
         "SPARK_HOME": str(SPARK_HOME),
         "SPARK_LOG_DIR": str(home),
         "SPARK_PID_DIR": str(home),

@@ -52,9 +52,9 @@ DUMP_TIMEOUT_S = 300
 DRIVER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
 
 
-def driver_environment(environment: dict[str, str]) -> dict[str, str]:
-    """`environment` with `DRIVER_ENVIRONMENT`'s values where it has none of its own."""
-    return {**DRIVER_ENVIRONMENT, **environment}
+def driver_environment() -> dict[str, str]:
+    """This process's environment, with `DRIVER_ENVIRONMENT`'s values where it has none of its own."""
+    return {**DRIVER_ENVIRONMENT, **os.environ}
 
 
 def default_cache_dir() -> Path | None:
@@ -203,7 +203,7 @@ class WarmDriver:
         self.launch_config = {k: v for k, v in config.items() if k.startswith(LAUNCH_SETTINGS)}
         environment = {
             k: v
-            for k, v in driver_environment(dict(os.environ)).items()
+            for k, v in driver_environment().items()
             if k.startswith(LAUNCH_ENVIRONMENT) and k not in GATEWAY_ENVIRONMENT
         }
         java = java_binary()
@@ -279,9 +279,7 @@ class WarmDriver:
         launch = {"config": self.launch_config, "cache_dir": str(self.cache_dir), "idle_s": self.idle_s}
         (self.dir / "launch.json").write_text(json.dumps(launch))
         (self.dir / "gateway.json").unlink(missing_ok=True)
-        environment = {
-            k: v for k, v in driver_environment(dict(os.environ)).items() if k not in GATEWAY_ENVIRONMENT
-        }
+        environment = {k: v for k, v in driver_environment().items() if k not in GATEWAY_ENVIRONMENT}
         # Appending, so that the keeper can empty the file under the JVM (see `cap_log`).
         with open(self.log_path, "w"), open(self.log_path, "a") as log:
             # A session of its own: the keeper outlives this run and its process group.
