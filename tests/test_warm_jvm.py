@@ -71,6 +71,7 @@ with build_resources({"spark": resource}) as resources:
         "shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions"),
         "jvm_malloc_arenas": spark._jvm.java.lang.System.getenv("MALLOC_ARENA_MAX"),
         "own_malloc_arenas": os.environ.get("MALLOC_ARENA_MAX"),
+        "jvm_time_zone": spark._jvm.java.util.TimeZone.getDefault().getID(),
     }
     print("RESULT", json.dumps(found))
     sys.stdout.flush()
@@ -192,13 +193,14 @@ def test_runs_one_after_another_take_turns_in_one_jvm(tmp_path, cache):
 def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
     """...which compiles with C1 only (it lives for one run); the warm JVM with C1 and C2. Either
     JVM gets the project's malloc arenas unless the run's environment chooses its own, and the
-    run's process keeps its environment as it was."""
+    run's process keeps its environment as it was. Every JVM's own time zone is UTC, whatever the
+    machine's (else Delta rebuilds a small table's state at each commit to check it)."""
     hold = tmp_path / "release"
     holder = start_session(tmp_path, cache, "holder", hold=hold)
     try:
         taken = session_result(holder)
         other = run_session(tmp_path, cache, "other")
-        chosen = run_session(tmp_path, cache, "chosen", idle_s="0", MALLOC_ARENA_MAX="3")
+        chosen = run_session(tmp_path, cache, "chosen", idle_s="0", MALLOC_ARENA_MAX="3", TZ="Europe/Berlin")
     finally:
         hold.touch()
     assert holder.wait(timeout=120) == 0
@@ -207,6 +209,7 @@ def test_a_run_that_finds_the_jvm_taken_starts_its_own(tmp_path, cache):
     assert (taken["jit"], other["jit"]) == (4, 1)  # TieredStopAtLevel: 4 is C2's level
     arenas = [(run["jvm_malloc_arenas"], run["own_malloc_arenas"]) for run in (taken, other, chosen)]
     assert arenas == [("2", None), ("2", None), ("3", "3")]
+    assert [run["jvm_time_zone"] for run in (taken, other, chosen)] == ["UTC"] * 3
     wait_until(lambda: not alive(other["jvm_pid"]), timeout=30, what="a run's own JVM ends with the run")
     assert keeper_gateway(cache)["jvm_pid"] == taken["jvm_pid"]
 
